@@ -1,0 +1,125 @@
+"""Shared fixtures: a real local 2-node Ray cluster (started with the `ray` CLI, as a user would)
+and a real S3-compatible server (moto) on loopback. Both are started once per test session."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+RAY = str(Path(sys.executable).with_name("ray"))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@dataclass
+class S3Server:
+    endpoint_url: str
+    bucket: str
+
+    def uri(self, key: str) -> str:
+        return f"s3://{self.bucket}/{key}"
+
+    def filesystem(self):
+        import s3fs
+
+        return s3fs.S3FileSystem(client_kwargs={"endpoint_url": self.endpoint_url})
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """A moto S3 server on loopback, with credentials in the environment (inherited by Ray jobs
+    started later) and one empty bucket."""
+    from moto.server import ThreadedMotoServer
+
+    port = free_port()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    endpoint = f"http://127.0.0.1:{port}"
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update(AWS_ACCESS_KEY_ID="testing", AWS_SECRET_ACCESS_KEY="testing", AWS_DEFAULT_REGION="us-east-1")
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1").create_bucket(Bucket="cllm-test")
+    yield S3Server(endpoint_url=endpoint, bucket="cllm-test")
+    server.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@dataclass
+class RayCluster:
+    address: str  # GCS address, for ray.init(address=...)
+    dashboard_url: str  # for `ray job submit --address ...`
+
+    def submit(self, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir . -- <args>`, exactly as the README shows."""
+        command = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", ".", "--", *args]
+        return subprocess.run(
+            command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
+            env={**os.environ, **(env or {})},
+        )
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(s3_server):
+    """A local 2-node Ray cluster started with the `ray start` CLI, as a user would: a head node
+    with the job server for `ray job submit`, and a second node, each with 2 logical CPUs and a
+    small object store, all on loopback. Its processes inherit the S3 credentials of `s3_server`.
+
+    `ray stop` ends every Ray process on the machine, so a file lock makes concurrent test
+    sessions on one machine take turns with the cluster."""
+    from filelock import FileLock
+
+    # The venv's bin first, so a job's `python` is the project's interpreter, as in an activated venv.
+    env = {
+        **os.environ,
+        "RAY_USAGE_STATS_ENABLED": "0",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    port, dashboard_port = free_port(), free_port()
+    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+            "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
+    with FileLock(os.path.join(tempfile.gettempdir(), "cllm-test-ray-cluster.lock")):
+        try:
+            subprocess.run(
+                [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "true",
+                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), *node],
+                check=True, capture_output=True, env=env,
+            )
+            address = f"127.0.0.1:{port}"
+            subprocess.run([RAY, "start", "--address", address, *node], check=True, capture_output=True, env=env)
+            dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+            _wait_for_job_server(dashboard_url)
+            yield RayCluster(address=address, dashboard_url=dashboard_url)
+        finally:
+            subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+
+
+def _wait_for_job_server(url: str, timeout: float = 60) -> None:
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/api/version", timeout=5):
+                return
+        except OSError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
