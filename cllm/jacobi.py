@@ -285,6 +285,11 @@ class _JacobiDecoder:
         cache = new_cache(self.model)
         position_ids = (mask.cumsum(dim=1) - 1).clamp(min=0)
         predictions = self._forward(cache, input_ids, mask, position_ids)
+        if not getattr(cache, "is_croppable", True):  # e.g. recurrent or hybrid layers
+            raise ValueError(
+                f"{type(self.model).__name__}'s cache cannot drop rejected tokens, so it cannot be "
+                "Jacobi-decoded; use a model with a full-attention cache"
+            )
         last_real = input_ids.shape[1] - 1 - mask.flip(dims=[1]).argmax(dim=1)
         first_tokens = predictions.gather(1, last_real[:, None]).flatten().tolist()
         for row, token in zip(rows, first_tokens):
