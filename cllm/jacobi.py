@@ -221,6 +221,13 @@ class _JacobiDecoder:
         if self.return_trajectories:
             row.trajectories.append(row.states)
 
+    def _finish(self, row: _Row, state: list[int], stop: int) -> None:
+        """End the row inside its current block, after `stop` tokens of `state`."""
+        row.states[-1] = state[:stop] + [self.pad] * (self.n_token - stop)
+        self._end_block(row, stop)
+        row.done = True
+        self._emit(row, [])
+
     def _advance(self, row: _Row, predictions: list[int]) -> int:
         """Apply one iteration's argmax `predictions` (one per fed token) to the row's block.
         Returns how many of the fed tokens' cache entries stay valid."""
@@ -231,21 +238,22 @@ class _JacobiDecoder:
         accepted = matched - before
         row.cached = matched
         row.position += accepted
-        if matched == n:  # nothing changed: fixed point, and the last prediction opens the next block
-            self._end_block(row, n)
-            self._start_block(row, predictions[n - before - 1])
+        if matched == n:  # nothing changed: the fixed point
+            stop = self._stop_length(row, row.block)
+            if stop is None:  # the last prediction opens the next block
+                self._end_block(row, n)
+                self._start_block(row, predictions[n - before - 1])
+            else:  # EOS or the budget sat unverified in a block that then converged at once
+                self._finish(row, row.block, stop)
             return accepted
         row.block = updated
         row.states.append(updated)
-        verified = matched + 1
-        stop = self._stop_length(row, updated[:verified])
-        if stop is not None:
-            row.states[-1] = updated[:stop] + [self.pad] * (n - stop)
-            self._end_block(row, stop)
-            row.done = True
-            self._emit(row, [])
+        verified = updated[: matched + 1]
+        stop = self._stop_length(row, verified)
+        if stop is None:
+            self._emit(row, verified)
         else:
-            self._emit(row, updated[:verified])
+            self._finish(row, updated, stop)
         return accepted
 
     # -- the loop ----------------------------------------------------------------------------

@@ -11,7 +11,7 @@ import torch
 
 from cllm import ar_generate, jacobi_generate, tiny_model
 from cllm.jacobi import _block_statistics
-from cllm.models import TINY_ARCHITECTURES
+from cllm.models import TINY_ARCHITECTURES, new_cache
 
 VOCAB = 128
 MAX_NEW = 23  # not a multiple of any block size tested
@@ -228,6 +228,45 @@ def expected_feed_sizes(blocks, stats, n_token) -> list[int]:
         if iterations == len(states):  # one more forward confirmed the fixed point
             sizes.append(n_token - cached)
     return sizes
+
+
+class ScriptedModel(torch.nn.Module):
+    """Predicts the token that `script` holds at the next position, whatever the input: Jacobi
+    decoding then gets every block right in one iteration, before any of it is verified."""
+
+    def __init__(self, script: list[int], vocab_size: int = VOCAB):
+        super().__init__()
+        self.config = tiny_model("llama", vocab_size=vocab_size).config
+        self.script = torch.tensor(script)
+        self.anchor = torch.nn.Parameter(torch.zeros(1))
+
+    @property
+    def device(self) -> torch.device:
+        return self.anchor.device
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None,
+                past_key_values=None, use_cache=None):
+        next_positions = (position_ids + 1).clamp(max=len(self.script) - 1)
+        logits = torch.nn.functional.one_hot(self.script[next_positions], self.config.vocab_size)
+        return type("Output", (), {"logits": logits.float()})
+
+
+@pytest.mark.parametrize("stop", ["eos", "budget"])
+def test_stop_inside_a_block_that_converges_in_one_jump(stop):
+    script = list(range(10, 70))
+    prompt = torch.tensor([script[:5]])
+    model = ScriptedModel(script)
+    eos = script[5 + 5] if stop == "eos" else None
+    max_new_tokens = 6 if stop == "eos" else 13  # EOS is the 6th new token; 13 = 8 + 5
+    output = jacobi_generate(
+        model, prompt, n_token=8, max_new_tokens=max_new_tokens if stop == "budget" else 40,
+        eos_token_id=eos, pad_token_id=0, return_trajectories=True,
+    )
+    assert output.new_tokens == [script[5 : 5 + max_new_tokens]]
+    last_state = output.trajectories[0][-1][-1]
+    valid = max_new_tokens % 8 or 8
+    assert last_state == script[5 + max_new_tokens - valid : 5 + max_new_tokens] + [0] * (8 - valid)
+    assert output.stats.rows[0].iterations_per_block[-1] == 2  # one jump, one confirmation
 
 
 def test_bad_arguments_are_rejected():
