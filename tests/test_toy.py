@@ -1,0 +1,220 @@
+"""The toy teachers: corpora, splits, tokenizer, a tiny-budget build, its cache and reload."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+
+from cllm import toy
+from cllm.models import load_model
+
+# A teacher that builds in seconds: the real pipeline (tokenizer, training, held-out loss, save)
+# with a toy-sized model and budget.
+TINY = toy.ToyConfig(
+    domain="math", vocab_size=300, tokenizer_corpus_docs=300, hidden_size=32, intermediate_size=64,
+    num_layers=2, num_heads=2, max_length=128, train_tokens=16_000, batch_size=8, learning_rate=1e-2,
+    eval_prompts=8, threads=1,
+)
+
+
+def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: tensor.detach().clone() for name, tensor in model.state_dict().items()}
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[name], b[name]) for name in a)
+
+
+@pytest.fixture(scope="module")
+def tiny_build(tmp_path_factory):
+    """(cache root, model, tokenizer) of one tiny math teacher, built once for this module."""
+    root = tmp_path_factory.mktemp("cllm-cache")
+    model, tokenizer = toy.load_toy("math", TINY, cache_dir=root)
+    return root, model, tokenizer
+
+
+# -- corpora ------------------------------------------------------------------------------------
+
+
+def test_math_prompts_are_formatted_stable_and_distinct():
+    prompts = toy.toy_prompts("heldout", "math", limit=50)
+    assert prompts == toy.toy_prompts("heldout", "math", limit=50)
+    assert len({p.prompt_id for p in prompts}) == len({p.prompt for p in prompts}) == 50
+    for p in prompts:
+        assert p.prompt.startswith("Question: ") and p.prompt.endswith("\nAnswer:")
+        assert toy.math_final_number(p.answer) is not None
+        assert p.domain == "math" and p.split == "heldout"
+    assert len(toy.toy_prompts("train", "math")) == toy.MATH_TRAIN_PROMPTS
+
+
+def test_math_answers_are_arithmetically_right():
+    for p in toy.toy_prompts("train", "math", limit=300):
+        for left, op, right, result in _equations(p.answer):
+            assert (left + right if op == "+" else left - right) == result, p.answer
+        assert toy.math_final_number(p.answer) == result  # the last step's result
+
+
+def _equations(answer: str) -> list[tuple[int, str, int, int]]:
+    import re
+
+    return [(int(a), op, int(b), int(c)) for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", answer)]
+
+
+def test_math_splits_share_no_question():
+    train = {p.prompt for p in toy.toy_prompts("train", "math", limit=20_000)}
+    heldout = {p.prompt for p in toy.toy_prompts("heldout", "math")}
+    assert len(heldout) == toy.MATH_HELDOUT_PROMPTS
+    assert not train & heldout
+
+
+def test_function_pairs_strip_the_docstring_and_dedent():
+    source = '''
+class Box:
+    def size(self, scale):
+        """Return the size,
+        scaled."""
+        value = self.width * scale
+        return value
+
+def one_liner():
+    """Only a docstring."""
+
+def undocumented():
+    return 1
+'''
+    pairs = list(toy.function_pairs(source))
+    assert pairs == [
+        ("size", "Return the size,\nscaled.",
+         "def size(self, scale):\n    value = self.width * scale\n    return value"),
+    ]
+
+
+@pytest.mark.slow  # parses the whole standard library (several seconds)
+def test_code_splits_share_no_module():
+    corpus = toy.code_corpus()
+    train, heldout = corpus["train"], corpus["heldout"]
+    assert len(train) > 1000 and len(heldout) > 50
+
+    def modules(prompts):
+        return {p.source.split("/")[0].split(":")[0].removesuffix(".py") for p in prompts}
+
+    assert not modules(train) & modules(heldout)
+    assert not {p.prompt for p in train} & {p.prompt for p in heldout}
+    for p in train[:200] + heldout[:50]:
+        assert p.prompt.startswith(toy.CODE_PROMPT_PREFIX) and p.prompt.endswith(toy.CODE_PROMPT_SEPARATOR)
+        assert p.answer.startswith(("def ", "async def "))
+        parts = p.source.split("/")
+        assert not {"test", "tests", "idlelib", "turtledemo", "lib2to3"} & set(parts)
+    assert [p.prompt_id for p in train] == [p.prompt_id for p in toy.code_corpus()["train"]]  # stable
+
+
+# -- metrics ------------------------------------------------------------------------------------
+
+
+def test_check_answer_compares_the_final_number():
+    reference = " Tom starts with 3 apples. Tom has 3 + 4 = 7 apples. The answer is 7."
+    assert toy.check_answer("math", "Tom has 3 + 4 = 7 apples. The answer is 7.", reference) is True
+    assert toy.check_answer("math", "Tom has 3 + 4 = 8 apples. The answer is 8.", reference) is False
+    assert toy.check_answer("math", "Tom has 3 + 4 = 7 apples.", reference) is False  # no final line
+    assert toy.check_answer(None, "The answer is 17.", reference) is False  # None: the default domain
+    assert toy.check_answer("code", "def f(): pass", "def f(): pass") is None
+
+
+def test_repetition_rate():
+    assert toy.repetition_rate(list(range(20))) == 0.0
+    assert toy.repetition_rate([1, 2, 3]) == 0.0
+    assert toy.repetition_rate([5, 6] * 20) > 0.9
+    assert toy.repetition_rate([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
+
+
+# -- tokenizer ----------------------------------------------------------------------------------
+
+
+def test_math_tokenizer_splits_digits_and_adds_bos(tiny_build):
+    _, _, tokenizer = tiny_build
+    text = "Question: Tom has 123 apples.\nAnswer:"
+    ids = tokenizer(text)["input_ids"]
+    assert ids[0] == tokenizer.bos_token_id
+    assert tokenizer.decode(ids, skip_special_tokens=True) == text
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    assert "1" in tokens and "2" in tokens and "3" in tokens  # one token per digit
+    assert len({tokenizer.pad_token_id, tokenizer.bos_token_id, tokenizer.eos_token_id}) == 3
+
+
+# -- build, cache, reload -----------------------------------------------------------------------
+
+
+def test_build_saves_and_reloads(tiny_build):
+    root, model, tokenizer = tiny_build
+    directory = toy.teacher_dir("math", root)
+    assert directory == root / f"toy-{toy.TOY_VERSION}" / "math"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", toy.BUILD_INFO_FILE):
+        assert (directory / name).is_file(), name
+    info = toy.toy_build_info("math", root)
+    assert info["config"] == dataclasses.asdict(TINY)
+    assert info["training"]["tokens"] >= TINY.train_tokens
+    assert info["parameters"] == sum(p.numel() for p in model.parameters())
+    assert 0 < info["heldout_answer_loss"] < 10
+
+    reloaded, reloaded_tokenizer = toy.load_toy("math", cache_dir=root)
+    assert _same_weights(_state(model), _state(reloaded))
+    prompt = toy.toy_prompts("heldout", "math", limit=1)[0].prompt
+    ids = torch.tensor([tokenizer(prompt)["input_ids"]])
+    assert reloaded_tokenizer(prompt)["input_ids"] == ids[0].tolist()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
+
+
+def test_second_load_reuses_the_cache(tiny_build, capsys):
+    root, _, _ = tiny_build
+    weights = toy.teacher_dir("math", root) / "model.safetensors"
+    before = weights.stat().st_mtime_ns
+    toy.load_toy("math", TINY, cache_dir=root)  # same config: reuse
+    toy.load_toy(cache_dir=root)  # no config, default domain (math): reuse whatever is built
+    assert weights.stat().st_mtime_ns == before
+    assert "building" not in capsys.readouterr().err
+
+
+def test_load_model_finds_the_toy_teacher_through_cllm_cache(tiny_build, monkeypatch):
+    root, model, _ = tiny_build
+    monkeypatch.setenv("CLLM_CACHE", str(root))
+    for name in ("toy-math", "toy"):
+        loaded, tokenizer = load_model(name, device="cpu")
+        assert _same_weights(_state(model), _state(loaded))
+        assert tokenizer.eos_token_id == model.config.eos_token_id
+
+
+def test_training_lowers_the_heldout_loss(tiny_build):
+    root, model, tokenizer = tiny_build
+    untrained = toy.new_teacher(TINY, tokenizer)
+    prompts = toy.toy_prompts("heldout", "math", limit=8)
+    trained_loss = toy.toy_build_info("math", root)["heldout_answer_loss"]
+    assert trained_loss == pytest.approx(toy.heldout_loss(model, tokenizer, prompts, TINY.max_length))
+    assert trained_loss < toy.heldout_loss(untrained, tokenizer, prompts, TINY.max_length) - 0.5
+
+
+@pytest.mark.slow  # two more tiny builds
+def test_same_seed_same_tokenizer_and_weights(tiny_build, tmp_path):
+    root, model, tokenizer = tiny_build
+    again, again_tokenizer = toy.load_toy("math", TINY, cache_dir=tmp_path / "again")
+    assert again_tokenizer.get_vocab() == tokenizer.get_vocab()
+    first = json.loads((toy.teacher_dir("math", root) / "tokenizer.json").read_text())["model"]
+    second = json.loads((toy.teacher_dir("math", tmp_path / "again") / "tokenizer.json").read_text())["model"]
+    assert first["merges"] == second["merges"]
+    assert _same_weights(_state(model), _state(again))
+
+    reseeded, _ = toy.load_toy("math", dataclasses.replace(TINY, seed=1), cache_dir=tmp_path / "again")
+    assert not _same_weights(_state(model), _state(reseeded))
+    assert toy.toy_build_info("math", tmp_path / "again")["config"]["seed"] == 1  # rebuilt in place
+
+
+def test_unknown_domain_and_split_are_refused():
+    with pytest.raises(ValueError, match="domain"):
+        toy.toy_prompts("train", "poetry")
+    with pytest.raises(ValueError, match="split"):
+        toy.toy_prompts("dev", "math")
+    with pytest.raises(ValueError, match="domain"):
+        toy.load_toy("code", TINY)
