@@ -1,0 +1,351 @@
+"""Prompt sources: dataset files (JSONL, JSON or Parquet; local, glob or `s3://`) in the paper's
+formats, and the toy corpora, turned into tokenized prompts with ground-truth label ids.
+
+Formats (`--format`): gsm8k (`question`/`answer`), spider (`question`/`query`, optional schema
+text), code-search-net (`docstring`/`code` or `func_documentation_string`/`func_code_string`),
+sharegpt (`conversations`: first human turn, first model reply as the label) and the generic
+`{"prompt", "answer"}` (`jsonl` or `generic`). `auto` picks one per file from its first row.
+
+A prompt is wrapped in the tokenizer's chat template when it has one, else in the format's plain
+template (the generic format's prompt is used as is). Bad rows are collected as `BadRow`s with
+their file and row number instead of raising, unless `strict=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+import pyarrow.parquet as pq
+
+FORMATS = ("auto", "gsm8k", "spider", "code-search-net", "sharegpt", "jsonl", "generic")
+TOY_SOURCES = ("toy", "toy-math", "toy-code")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class PromptRecord:
+    prompt_id: str  # stable across reruns: the toy id, or a hash of file name and row number
+    prompt_ids: list[int]  # template included, as fed to the model
+    label_ids: list[int] | None  # ground-truth answer followed by EOS, when the data has one
+    prompt: str  # the templated prompt text
+    answer: str | None  # the ground-truth answer text
+    source: str
+    row: int  # 1-based row (line) number in `source`
+
+
+@dataclass(frozen=True)
+class BadRow:
+    source: str
+    row: int
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.row}: {self.reason}"
+
+
+class BadRowError(ValueError):
+    """A bad input row under `strict=True`, or the reason a row is bad."""
+
+
+@dataclass(frozen=True)
+class _Example:
+    """A row reduced to the user's request and the reference answer."""
+
+    request: str
+    answer: str | None
+
+
+# -- formats -------------------------------------------------------------------------------------
+
+
+def _text(row: dict, *names: str) -> str:
+    """The first of `names` present in `row`, which must be non-empty text."""
+    for name in names:
+        if name in row and row[name] is not None:
+            value = row[name]
+            if not isinstance(value, str):
+                raise BadRowError(f"field {name!r} is not text (got {type(value).__name__})")
+            if not value.strip():
+                raise BadRowError(f"field {name!r} is empty")
+            return value
+    raise BadRowError(f"missing field {' or '.join(repr(name) for name in names)}")
+
+
+def _optional_text(row: dict, *names: str) -> str | None:
+    try:
+        return _text(row, *names)
+    except BadRowError:
+        return None
+
+
+def _gsm8k(row: dict) -> _Example:
+    return _Example(_text(row, "question"), _optional_text(row, "answer"))
+
+
+def _spider(row: dict) -> _Example:
+    question = _text(row, "question")
+    schema = _optional_text(row, "schema", "db_schema", "context")
+    request = f"{schema}\n\n{question}" if schema else question
+    return _Example(request, _optional_text(row, "query"))
+
+
+def _code_search_net(row: dict) -> _Example:
+    return _Example(
+        _text(row, "docstring", "func_documentation_string"),
+        _optional_text(row, "code", "func_code_string"),
+    )
+
+
+def _sharegpt(row: dict) -> _Example:
+    turns = row.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise BadRowError("missing field 'conversations' (a non-empty list of turns)")
+    speakers = [str(turn.get("from", turn.get("role", ""))).lower() if isinstance(turn, dict) else ""
+                for turn in turns]
+    human = next((i for i, who in enumerate(speakers) if who in ("human", "user")), None)
+    if human is None:
+        raise BadRowError("'conversations' has no human turn")
+    request = _text(turns[human], "value", "content")
+    reply = next((turns[i] for i in range(human + 1, len(turns))
+                  if speakers[i] in ("gpt", "assistant", "chatgpt", "bard", "model")), None)
+    return _Example(request, _optional_text(reply, "value", "content") if reply else None)
+
+
+def _generic(row: dict) -> _Example:
+    return _Example(_text(row, "prompt"), _optional_text(row, "answer", "completion", "response"))
+
+
+_EXTRACTORS: dict[str, Callable[[dict], _Example]] = {
+    "gsm8k": _gsm8k,
+    "spider": _spider,
+    "code-search-net": _code_search_net,
+    "sharegpt": _sharegpt,
+    "jsonl": _generic,
+    "generic": _generic,
+}
+
+# The paper's plain templates, used when the tokenizer has no chat template.
+_PLAIN_TEMPLATES = {
+    "gsm8k": "Question: {request}\nAnswer: Let's think step by step.\n",
+    "spider": "Translate the question into SQL.\n{request}\nSQL: ",
+    "code-search-net": "Please generate code based on the following doc:\n{request}\n",
+    "sharegpt": (
+        "A chat between a curious user and an artificial intelligence assistant. The assistant "
+        "gives helpful, detailed, and polite answers to the user's questions. "
+        "USER: {request} ASSISTANT:"
+    ),
+    "jsonl": "{request}",
+    "generic": "{request}",
+}
+
+
+def detect_format(row: Any) -> str | None:
+    """The format a row's fields point to, or None."""
+    if not isinstance(row, dict):
+        return None
+    if "conversations" in row:
+        return "sharegpt"
+    if "question" in row and "query" in row:
+        return "spider"
+    if "question" in row:
+        return "gsm8k"
+    if "docstring" in row or "func_documentation_string" in row:
+        return "code-search-net"
+    if "prompt" in row:
+        return "generic"
+    return None
+
+
+# -- reading files -------------------------------------------------------------------------------
+
+
+def _expand(spec: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSystem, list[str], str]:
+    """(filesystem, files, base directory) for a file, a directory, or a glob; local or remote."""
+    filesystem, path = fsspec.core.url_to_fs(spec, **options)
+    if any(char in path for char in "*?["):
+        files = sorted(filesystem.glob(path))
+        base = path[: min(path.find(char) for char in "*?[" if char in path)].rsplit("/", 1)[0]
+    elif filesystem.isdir(path):
+        files = sorted(p for p in filesystem.find(path) if p.endswith(_FILE_SUFFIXES))
+        base = path
+    elif filesystem.isfile(path):
+        files, base = [path], posixpath.dirname(path)
+    else:
+        raise FileNotFoundError(f"prompt source {spec!r} does not exist")
+    files = [f for f in files if not posixpath.basename(f).startswith((".", "_"))]
+    if not files:
+        raise FileNotFoundError(f"prompt source {spec!r} holds no {'/'.join(_FILE_SUFFIXES)} files")
+    return filesystem, files, base
+
+
+def _rows(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[int, Any]]:
+    """(1-based row number, parsed row or BadRowError) for each row of a file."""
+    if path.endswith(".parquet"):
+        with filesystem.open(path, "rb") as handle:
+            for number, row in enumerate(pq.read_table(handle).to_pylist(), start=1):
+                yield number, row
+        return
+    with filesystem.open(path, "r", encoding="utf-8") as handle:
+        text = handle.read()
+    if path.endswith(".json") and text.lstrip().startswith("["):  # a JSON array, e.g. Spider's
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError as error:
+            yield 1, BadRowError(f"not valid JSON ({error.msg} at line {error.lineno})")
+            return
+        yield from enumerate(rows, start=1)
+        return
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as error:
+            yield number, BadRowError(f"not JSON ({error.msg})")
+
+
+# -- templates and tokens ------------------------------------------------------------------------
+
+
+def _tokenize_prompt(tokenizer, fmt: str, request: str, use_chat_template: bool) -> tuple[str, list[int]]:
+    if use_chat_template and getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True
+        )
+        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    text = _PLAIN_TEMPLATES[fmt].format(request=request)
+    return text, tokenizer(text)["input_ids"]
+
+
+def _label_ids(tokenizer, answer: str | None) -> list[int] | None:
+    if answer is None:
+        return None
+    ids = tokenizer(answer, add_special_tokens=False)["input_ids"]
+    return ids + ([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else [])
+
+
+def _file_prompt_id(name: str, row: int) -> str:
+    return hashlib.sha1(f"{name}\0{row}".encode()).hexdigest()[:16]
+
+
+# -- entry points --------------------------------------------------------------------------------
+
+
+def is_toy_source(spec: str) -> bool:
+    return spec.partition(":")[0] in TOY_SOURCES
+
+
+def load_prompts(
+    spec: str,
+    tokenizer,
+    format: str = "auto",
+    max_prompt_tokens: int | None = None,
+    limit: int | None = None,
+    strict: bool = False,
+    storage_options: dict[str, Any] | None = None,
+    use_chat_template: bool = True,
+) -> tuple[list[PromptRecord], list[BadRow]]:
+    """Tokenized prompts from `spec`, and the rows that were skipped with their reasons.
+
+    `spec` is a file, directory or glob (local or a URI such as `s3://bucket/prompts/*.jsonl`),
+    or a toy source: `toy`, `toy:heldout`, `toy-math:train`, `toy-code:heldout`, ... (split
+    defaults to train). Raises FileNotFoundError for a missing source, ValueError for an unknown
+    format or a file whose format cannot be detected, BadRowError for a bad row when `strict`."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown prompt format {format!r}; choose from {', '.join(FORMATS)}")
+    if is_toy_source(spec):
+        examples = _toy_examples(spec, limit, tokenizer)
+    else:
+        examples = _file_examples(spec, format, storage_options or {}, use_chat_template, tokenizer)
+    records: list[PromptRecord] = []
+    bad_rows: list[BadRow] = []
+    for item in examples:
+        if isinstance(item, BadRow):
+            if strict:
+                raise BadRowError(str(item))
+            bad_rows.append(item)
+            continue
+        if max_prompt_tokens is not None and len(item.prompt_ids) > max_prompt_tokens:
+            bad = BadRow(item.source, item.row,
+                         f"prompt has {len(item.prompt_ids)} tokens, over the maximum {max_prompt_tokens}")
+            if strict:
+                raise BadRowError(str(bad))
+            bad_rows.append(bad)
+            continue
+        records.append(item)
+        if limit is not None and len(records) >= limit:
+            break
+    return records, bad_rows
+
+
+def _toy_examples(spec: str, limit: int | None, tokenizer) -> Iterator[PromptRecord]:
+    from cllm.toy import (
+        toy_prompts,  # local import: the toy module pulls in its training code
+    )
+
+    name, _, split = spec.partition(":")
+    domain = None if name == "toy" else name.split("-", 1)[1]
+    for row, item in enumerate(toy_prompts(split or "train", domain, limit=limit), start=1):
+        # Toy prompts carry their template already; encoding prepends BOS as in teacher training.
+        yield PromptRecord(item.prompt_id, tokenizer(item.prompt)["input_ids"],
+                           _label_ids(tokenizer, item.answer), item.prompt, item.answer, spec, row)
+
+
+def _file_examples(
+    spec: str, format: str, options: dict[str, Any], use_chat_template: bool, tokenizer
+) -> Iterator[PromptRecord | BadRow]:
+    filesystem, files, base = _expand(spec, options)
+    for path in files:
+        source = path if _is_local(filesystem) else filesystem.unstrip_protocol(path)
+        name = posixpath.relpath(path, base) if base else posixpath.basename(path)
+        fmt = None if format == "auto" else format
+        for row, parsed in _rows(filesystem, path):
+            if isinstance(parsed, BadRowError):
+                yield BadRow(source, row, str(parsed))
+                continue
+            if fmt is None:
+                fmt = detect_format(parsed)
+                if fmt is None:
+                    fields = sorted(parsed) if isinstance(parsed, dict) else type(parsed).__name__
+                    raise ValueError(
+                        f"{source}: cannot detect the prompt format from row {row} (fields {fields}); "
+                        f"pass one of {', '.join(FORMATS[1:])}"
+                    )
+            if not isinstance(parsed, dict):
+                yield BadRow(source, row, f"not a JSON object (got {type(parsed).__name__})")
+                continue
+            try:
+                example = _EXTRACTORS[fmt](parsed)
+            except BadRowError as error:
+                yield BadRow(source, row, str(error))
+                continue
+            text, ids = _tokenize_prompt(tokenizer, fmt, example.request, use_chat_template)
+            yield PromptRecord(_file_prompt_id(name, row), ids, _label_ids(tokenizer, example.answer),
+                               text, example.answer, source, row)
+
+
+def _is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
+    protocols = (filesystem.protocol,) if isinstance(filesystem.protocol, str) else filesystem.protocol
+    return "file" in protocols
+
+
+def load_tokenizer(name_or_path: str):
+    """The tokenizer of a model (hub id, local directory or toy name) without its weights, with
+    the pad token set as `cllm.models.load_model` sets it. A toy name builds the small toy
+    teacher on first use, so drivers do that once before starting workers."""
+    from cllm.models import TOY_NAMES, load_model
+
+    if name_or_path in TOY_NAMES:
+        return load_model(name_or_path, device="cpu")[1]
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
