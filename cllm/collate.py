@@ -1,0 +1,284 @@
+"""Turn trajectory rows into padded training batches of any size (mixed prefix lengths are fine).
+
+A row is one (prompt, block) of the trajectory schema (`cllm/data.py`) as a mapping: `prefix_ids`,
+`states` (initial guess first, fixed point last, n ids each), `fixed_length` (valid leading
+positions of the fixed point), `block_index`, `n_token` and, optionally, `label_ids`.
+
+Two layouts, both right-padded, consumed by `cllm.losses`:
+- `StateBatch`: one sampled student state per row, as separate prefix + state sequences (student,
+  next state, fixed point), for plain causal forwards;
+- `PackedBatch`: prefix + every state of the block in one sequence, with the 4D mask and position
+  ids that make each state see only the prefix and itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+Row = Mapping[str, Any]
+IGNORE = -100  # label value that cross-entropy skips
+
+
+def _to(value: Any, device: torch.device | str) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)
+    if dataclasses.is_dataclass(value):
+        return value.to(device)
+    return value
+
+
+class _Movable:
+    def to(self, device: torch.device | str):
+        """A copy with every tensor on `device`."""
+        return dataclasses.replace(
+            self, **{f.name: _to(getattr(self, f.name), device) for f in dataclasses.fields(self)}
+        )
+
+
+@dataclass
+class SequenceBatch(_Movable):
+    """Right-padded token sequences. `labels[b, t]` is the token that logit t must predict, or
+    IGNORE where no next-token loss applies."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L), 1 on real tokens
+    position_ids: torch.Tensor  # (B, L)
+    labels: torch.Tensor  # (B, L)
+
+
+@dataclass
+class StateBatch(_Movable):
+    """One student state per row: state j, its next state j + 1, and the fixed point, each after
+    the row's prefix (all three sequences have the same length per row)."""
+
+    prefix_lengths: torch.Tensor  # (B,)
+    student_sequences: SequenceBatch  # prefix + state j
+    next_state_sequences: SequenceBatch  # prefix + state j + 1 (the local target)
+    fixed_point_sequences: SequenceBatch  # prefix + fixed point; labels cover its valid part
+    student_state: torch.Tensor  # (B, n)
+    fixed_point: torch.Tensor  # (B, n)
+    fixed_length: torch.Tensor  # (B,)
+    has_target: torch.Tensor  # (B,) bool: False for a one-state trajectory (nothing to learn)
+    label_sequences: SequenceBatch | None  # prompt + label_ids, when collated with labels
+
+    @property
+    def rows(self) -> int:
+        return self.prefix_lengths.shape[0]
+
+
+@dataclass
+class PackedBatch(_Movable):
+    """prefix + state_0 + … + state_{k-1} per row, right-padded to (B, L)."""
+
+    input_ids: torch.Tensor  # (B, L)
+    attention_mask: torch.Tensor  # (B, L), 1 on real tokens
+    position_ids: torch.Tensor  # (B, L): the prefix counts from 0, every state restarts after it
+    attention_allowed: torch.Tensor  # (B, 1, L, L) bool: query may attend to key
+    states: torch.Tensor  # (B, K, n), rows with fewer states repeat their fixed point
+    state_counts: torch.Tensor  # (B,) k per row; the fixed point is state k - 1
+    fixed_length: torch.Tensor  # (B,)
+    prediction_index: torch.Tensor  # (B, K, n): index of the logit that predicts states[b, j, i]
+    ar_labels: torch.Tensor  # (B, L): next-token labels of prefix + fixed point, IGNORE elsewhere
+    label_sequences: SequenceBatch | None
+
+    @property
+    def rows(self) -> int:
+        return self.input_ids.shape[0]
+
+
+# -- row fields ------------------------------------------------------------------------------
+
+
+def _n_token(row: Row) -> int:
+    return len(row["states"][0])
+
+
+def _fixed_length(row: Row) -> int:
+    value = row.get("fixed_length")
+    return _n_token(row) if value is None else int(value)
+
+
+def prompt_ids(row: Row) -> list[int]:
+    """The prompt alone: the prefix minus the fixed points of earlier blocks, which are full
+    blocks of n_token ids (only a row's last block can be shorter)."""
+    n_token = int(row.get("n_token") or _n_token(row))
+    prefix = list(row["prefix_ids"])
+    return prefix[: len(prefix) - int(row.get("block_index") or 0) * n_token]
+
+
+def _check_rows(rows: Sequence[Row], labels: bool) -> int:
+    if not rows:
+        raise ValueError("cannot collate an empty list of rows")
+    n_token = _n_token(rows[0])
+    for row in rows:
+        if not row["prefix_ids"]:
+            raise ValueError(f"row {row.get('prompt_id')!r} block {row.get('block_index')} has an empty prefix")
+        if any(len(state) != n_token for state in row["states"]):
+            raise ValueError(f"all states in a batch must have {n_token} ids (row {row.get('prompt_id')!r})")
+        if labels and row.get("label_ids") is None:
+            raise ValueError(f"row {row.get('prompt_id')!r} has no label_ids, needed for the labels AR target")
+    return n_token
+
+
+# -- plain sequences -----------------------------------------------------------------------
+
+
+def pad_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int, trained_lengths: Sequence[int] | None = None) -> SequenceBatch:
+    """Right-pad `sequences`. Next-token labels cover each sequence's first `trained_lengths`
+    tokens (all of it by default): logit t predicts token t + 1."""
+    width = max(len(sequence) for sequence in sequences)
+    batch = len(sequences)
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, width), dtype=torch.long)
+    labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+    for b, sequence in enumerate(sequences):
+        length = len(sequence)
+        input_ids[b, :length] = torch.tensor(list(sequence), dtype=torch.long)
+        attention_mask[b, :length] = 1
+        trained = length if trained_lengths is None else trained_lengths[b]
+        labels[b, : trained - 1] = input_ids[b, 1:trained]
+    position_ids = torch.arange(width).expand(batch, width).clone()
+    return SequenceBatch(input_ids, attention_mask, position_ids, labels)
+
+
+def _label_sequences(rows: Sequence[Row], pad_token_id: int) -> SequenceBatch:
+    return pad_sequences([prompt_ids(row) + list(row["label_ids"]) for row in rows], pad_token_id)
+
+
+# -- one state per row -----------------------------------------------------------------------
+
+
+def collate_states(
+    rows: Sequence[Row],
+    pad_token_id: int,
+    rng: random.Random | None = None,
+    labels: bool = False,
+    state_indices: Sequence[int] | None = None,
+) -> StateBatch:
+    """Sample one student state per row, uniformly among the states before the fixed point
+    (`state_indices` picks them instead), and lay out its three sequences."""
+    n_token = _check_rows(rows, labels)
+    rng = rng or random.Random(0)
+    prefixes, students, nexts, fixed_points, fixed_lengths, has_target = [], [], [], [], [], []
+    for b, row in enumerate(rows):
+        states = [list(state) for state in row["states"]]
+        last = len(states) - 1
+        if last == 0:
+            index = 0
+        elif state_indices is not None:
+            index = min(state_indices[b], last - 1)
+        else:
+            index = rng.randrange(last)
+        prefixes.append(list(row["prefix_ids"]))
+        students.append(states[index])
+        nexts.append(states[min(index + 1, last)])
+        fixed_points.append(states[last])
+        fixed_lengths.append(_fixed_length(row))
+        has_target.append(last > 0)
+    prefix_lengths = [len(prefix) for prefix in prefixes]
+    return StateBatch(
+        prefix_lengths=torch.tensor(prefix_lengths),
+        student_sequences=pad_sequences([p + s for p, s in zip(prefixes, students)], pad_token_id),
+        next_state_sequences=pad_sequences([p + s for p, s in zip(prefixes, nexts)], pad_token_id),
+        fixed_point_sequences=pad_sequences(
+            [p + f for p, f in zip(prefixes, fixed_points)],
+            pad_token_id,
+            trained_lengths=[length + valid for length, valid in zip(prefix_lengths, fixed_lengths)],
+        ),
+        student_state=torch.tensor(students, dtype=torch.long).view(len(rows), n_token),
+        fixed_point=torch.tensor(fixed_points, dtype=torch.long).view(len(rows), n_token),
+        fixed_length=torch.tensor(fixed_lengths),
+        has_target=torch.tensor(has_target),
+        label_sequences=_label_sequences(rows, pad_token_id) if labels else None,
+    )
+
+
+# -- every state in one sequence ---------------------------------------------------------------
+
+_PREFIX, _PAD = -1, -2  # segment ids; states are segments 0..k-1
+
+
+def collate_packed(rows: Sequence[Row], pad_token_id: int, labels: bool = False) -> PackedBatch:
+    """Pack each row as prefix + all its states."""
+    n_token = _check_rows(rows, labels)
+    batch = len(rows)
+    max_states = max(len(row["states"]) for row in rows)
+    width = max(len(row["prefix_ids"]) + len(row["states"]) * n_token for row in rows)
+
+    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
+    position_ids = torch.zeros((batch, width), dtype=torch.long)
+    segments = torch.full((batch, width), _PAD, dtype=torch.long)
+    states = torch.empty((batch, max_states, n_token), dtype=torch.long)
+    prediction_index = torch.zeros((batch, max_states, n_token), dtype=torch.long)
+    ar_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
+    block_positions = torch.arange(n_token)
+
+    for b, row in enumerate(rows):
+        prefix = torch.tensor(list(row["prefix_ids"]), dtype=torch.long)
+        row_states = torch.tensor([list(state) for state in row["states"]], dtype=torch.long)
+        prefix_length, count = len(prefix), len(row_states)
+        states[b, :count] = row_states
+        states[b, count:] = row_states[-1]
+        input_ids[b, :prefix_length] = prefix
+        position_ids[b, :prefix_length] = torch.arange(prefix_length)
+        segments[b, :prefix_length] = _PREFIX
+        for j in range(count):
+            start = prefix_length + j * n_token
+            input_ids[b, start : start + n_token] = row_states[j]
+            position_ids[b, start : start + n_token] = prefix_length + block_positions
+            segments[b, start : start + n_token] = j
+            # token 0 of a state is predicted by the prefix's last logit, token i by the state's i - 1
+            prediction_index[b, j] = torch.where(block_positions == 0, prefix_length - 1, start + block_positions - 1)
+        # AR on prefix + fixed point: the prefix predicts its own next tokens, then the fixed point's
+        valid = _fixed_length(row)
+        ar_labels[b, : prefix_length - 1] = prefix[1:]
+        fixed_point_index = prediction_index[b, count - 1, :valid]
+        ar_labels[b, fixed_point_index] = row_states[-1, :valid]
+
+    query_segments, key_segments = segments[:, :, None], segments[:, None, :]
+    causal = torch.ones((width, width), dtype=torch.bool).tril()
+    # Pad queries match their own segment (pads), so no query row is fully masked.
+    allowed = causal & ((key_segments == _PREFIX) | (query_segments == key_segments))
+    return PackedBatch(
+        input_ids=input_ids,
+        attention_mask=(segments != _PAD).long(),
+        position_ids=position_ids,
+        attention_allowed=allowed.unsqueeze(1),
+        states=states,
+        state_counts=torch.tensor([len(row["states"]) for row in rows]),
+        fixed_length=torch.tensor([_fixed_length(row) for row in rows]),
+        prediction_index=prediction_index,
+        ar_labels=ar_labels,
+        label_sequences=_label_sequences(rows, pad_token_id) if labels else None,
+    )
+
+
+def collate(
+    rows: Sequence[Row],
+    pad_token_id: int,
+    packed: bool,
+    labels: bool = False,
+    rng: random.Random | None = None,
+) -> StateBatch | PackedBatch:
+    """The training batch for `rows`: packed, or one sampled state per row."""
+    if packed:
+        return collate_packed(rows, pad_token_id, labels=labels)
+    return collate_states(rows, pad_token_id, rng=rng, labels=labels)
+
+
+def batch_tokens(batch: StateBatch | PackedBatch) -> int:
+    """Real tokens one training step feeds the model: prefix + every state when packed;
+    prefix + student state and prefix + fixed point otherwise (plus label sequences)."""
+    if isinstance(batch, PackedBatch):
+        fed = int(batch.attention_mask.sum())
+    else:
+        fed = int(batch.student_sequences.attention_mask.sum() + batch.fixed_point_sequences.attention_mask.sum())
+    if batch.label_sequences is not None:
+        fed += int(batch.label_sequences.attention_mask.sum())
+    return fed

@@ -1,0 +1,434 @@
+"""Consistency training (CLLM) with Ray Train + DeepSpeed ZeRO on Jacobi trajectory shards.
+
+    ray job submit --working-dir . -- python pipelines/train.py \
+        --model toy --trajectories runs/demo/trajectories --output runs/demo/cllm
+
+Recipe: parse flags -> check the inputs (shards, schema, vocab, DeepSpeed config; before any
+worker starts) -> Ray Data reads the shards, a TorchTrainer runs `train_loop` on every worker ->
+print the summary. Each worker wraps the model in `deepspeed.initialize`, collates its data shard
+with `cllm.collate` and optimises `cllm.losses` (consistency + w·AR). Checkpoints are DeepSpeed
+checkpoints reported to Ray Train under <output>/train; a rerun with the same --output or a
+worker failure (FailureConfig) resumes from the latest one. The end result is a plain Hugging
+Face model with its tokenizer in <output>/hf.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import ray.train
+import torch
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+from ray.data.collate_fn import ArrowBatchCollateFn
+from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+from transformers import AutoConfig, AutoTokenizer
+
+from cllm.collate import batch_tokens, collate
+from cllm.data import list_shards, read_trajectories, resolve, storage_options
+from cllm.losses import AR_TARGETS, DISTANCES, LOSS_KINDS, LossConfig, compute_losses
+from cllm.models import TOY_NAMES, load_model
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_DEEPSPEED = os.path.join(REPO_ROOT, "cluster", "deepspeed", "zero2.json")
+# Ray Train 2.x keeps one unconsumed report per worker and its controller drains them every
+# RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by default), so reporting every step would cap training
+# at one step per 2 s. The driver sets a shorter interval (propagated to the controller by Ray).
+REPORT_POLL_INTERVAL_S = "0.1"
+RUN_NAME = "train"  # Ray Train run directory under --output; a rerun with the same output resumes it
+TRAINING_COLUMNS = ["prompt_id", "block_index", "prefix_ids", "states", "label_ids", "n_token", "fixed_length"]
+
+
+class InputError(ValueError):
+    """Bad input found before training starts."""
+
+
+@dataclass
+class TrainSettings:
+    """Everything a worker needs; travels to the workers as the train loop config."""
+
+    model: str
+    output: str
+    s3_endpoint: str | None
+    deepspeed_config: dict
+    loss: LossConfig
+    packed: bool
+    epochs: int
+    max_steps: int | None
+    lr: float
+    batch_size: int
+    grad_accum: int
+    seed: int
+    checkpoint_every: int
+    pad_token_id: int
+    fault_marker: str | None
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="toy", help="hub id, local directory, or toy / toy-math / toy-code")
+    parser.add_argument("--trajectories", default="runs/demo/trajectories", help="shard directory or s3:// URI")
+    parser.add_argument("--output", default="runs/demo/cllm", help="directory or s3:// URI (checkpoints, hf/)")
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
+                        help="auto: use GPUs when the cluster has them")
+    parser.add_argument("--deepspeed", default=DEFAULT_DEEPSPEED, help="DeepSpeed JSON config (ZeRO stage, ...)")
+    parser.add_argument("--loss", choices=LOSS_KINDS, default="global")
+    parser.add_argument("--distance", choices=DISTANCES, default="fkl")
+    parser.add_argument("--ar-weight", type=float, default=10.0)
+    parser.add_argument("--ar-target", choices=AR_TARGETS, default="fixed-point")
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--max-steps", type=int, default=None, help="stop after this many optimizer steps")
+    parser.add_argument("--lr", type=float, default=2e-5)
+    parser.add_argument("--batch-size", type=int, default=4, help="rows (blocks) per worker per micro-batch")
+    parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
+    parser.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
+                        help="train every state of a block in one forward (default) or one sampled state")
+    parser.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, moto, ...)")
+    parser.add_argument("--fault-marker", default=None,
+                        help="testing: after the first checkpoint one worker creates this file and raises, once")
+    return parser.parse_args(argv)
+
+
+# -- input checks (driver, before any worker starts) -------------------------------------------
+
+
+def read_deepspeed_config(path: str) -> dict:
+    try:
+        with open(path) as handle:
+            config = json.load(handle)
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"cannot read DeepSpeed config {path}: {error}") from error
+    stage = config.get("zero_optimization", {}).get("stage", 0) if isinstance(config, dict) else None
+    if stage not in (0, 1, 2, 3):
+        raise InputError(f"DeepSpeed config {path}: zero_optimization.stage must be 0..3, got {stage!r}")
+    return config
+
+
+def check_trajectories(uri: str, options: dict, vocab_size: int, ar_target: str) -> tuple[list[str], pa.Table]:
+    """The shard paths and their rows, after checking there are rows, that every shard follows the
+    schema (cllm.data validates each), that one block size is used, and that ids fit the model."""
+    try:
+        table = read_trajectories(uri, storage_options=options, columns=TRAINING_COLUMNS)
+    except FileNotFoundError as error:
+        raise InputError(str(error)) from error
+    if table.num_rows == 0:
+        raise InputError(f"the trajectory shards under {uri} hold no rows")
+    block_sizes = pc.unique(table.column("n_token")).to_pylist()
+    if len(block_sizes) != 1:
+        raise InputError(f"the trajectories mix block sizes {sorted(block_sizes)}; train one n_token at a time")
+    largest = max(
+        pc.max(pc.list_flatten(table.column("prefix_ids"))).as_py() or 0,
+        pc.max(pc.list_flatten(pc.list_flatten(table.column("states")))).as_py() or 0,
+        pc.max(pc.list_flatten(table.column("label_ids"))).as_py() or 0,
+    )
+    if largest >= vocab_size:
+        raise InputError(
+            f"the trajectories hold token id {largest}, but the model's vocabulary has {vocab_size} ids: "
+            "were they collected with another model?"
+        )
+    if ar_target == "labels" and table.column("label_ids").null_count:
+        raise InputError(f"--ar-target labels, but {table.column('label_ids').null_count} rows have no label_ids")
+    filesystem, path = resolve(uri, options)
+    return list_shards(filesystem, path), table
+
+
+def model_facts(name: str) -> tuple[int, int]:
+    """(vocabulary size, pad id) of the model to train, read without loading its weights (the toy
+    teacher is tiny, and loading it builds it once if needed)."""
+    if name in TOY_NAMES:
+        model, tokenizer = load_model(name, device="cpu")
+        vocab_size = model.get_input_embeddings().weight.shape[0]
+    else:
+        vocab_size = AutoConfig.from_pretrained(name).get_text_config().vocab_size
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return vocab_size, int(pad or 0)
+
+
+# -- the per-worker training loop -----------------------------------------------------------
+
+
+class TrajectoryCollate(ArrowBatchCollateFn):
+    """Ray Data batch (Arrow) -> `cllm.collate` batch."""
+
+    def __init__(self, pad_token_id: int, packed: bool, labels: bool, seed: int):
+        self.pad_token_id, self.packed, self.labels = pad_token_id, packed, labels
+        self.rng = random.Random(seed)
+
+    def __call__(self, batch: pa.Table):
+        return collate(batch.to_pylist(), self.pad_token_id, packed=self.packed, labels=self.labels, rng=self.rng)
+
+
+@dataclass
+class Progress:
+    """Where training stands; saved in every checkpoint."""
+
+    epoch: int = 0
+    batches_in_epoch: int = 0  # micro-batches of `epoch` already trained
+    step: int = 0  # optimizer steps
+
+
+def engine_config(settings: TrainSettings, world_size: int, use_gpu: bool) -> dict:
+    config = dict(settings.deepspeed_config)
+    config.update(
+        train_micro_batch_size_per_gpu=settings.batch_size,
+        gradient_accumulation_steps=settings.grad_accum,
+        train_batch_size=settings.batch_size * settings.grad_accum * world_size,
+        bf16={"enabled": use_gpu},  # fp16 does not exist on CPU, and bf16 on CPU is slow: fp32 there
+    )
+    return config
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    import deepspeed  # on the workers only
+
+    settings: TrainSettings = config["settings"]
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    use_gpu = device.type == "cuda"
+    torch.manual_seed(settings.seed)
+
+    model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, fused=use_gpu)
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, config=engine_config(settings, world_size, use_gpu)
+    )
+
+    progress, resumed = Progress(), False
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            _, client_state = engine.load_checkpoint(directory)
+        progress, resumed = Progress(**client_state["progress"]), True
+        if rank == 0:
+            print(f"resuming from the checkpoint at step {progress.step}", flush=True)
+
+    shard = ray.train.get_dataset_shard("train")
+    meter = StepMeter(device, settings.loss.ar_weight)
+    checkpointed_step, metrics = progress.step, {}
+    done = settings.max_steps is not None and progress.step >= settings.max_steps
+    for epoch in range(progress.epoch, settings.epochs):
+        if done:
+            break
+        collate_fn = TrajectoryCollate(
+            settings.pad_token_id, settings.packed, settings.loss.ar_target == "labels",
+            seed=settings.seed * 100_003 + epoch * 1009 + rank,
+        )
+        batches = shard.iter_torch_batches(
+            batch_size=settings.batch_size, collate_fn=collate_fn, drop_last=True,
+            local_shuffle_buffer_size=4 * settings.batch_size, local_shuffle_seed=settings.seed + epoch,
+        )
+        for index, batch in enumerate(batches):
+            if epoch == progress.epoch and index < progress.batches_in_epoch:
+                continue  # trained before the restart
+            steps_before = engine.global_steps
+            output = compute_losses(engine, batch.to(device), settings.loss)
+            engine.backward(output.loss)
+            engine.step()
+            meter.add(batch, output)
+            progress = Progress(epoch=epoch, batches_in_epoch=index + 1, step=engine.global_steps)
+            if progress.step == steps_before:
+                continue  # still accumulating gradients
+            metrics = meter.step_metrics(progress, optimizer.param_groups[0]["lr"])
+            if rank == 0:
+                print(format_metrics(metrics, settings.max_steps), flush=True)
+            done = settings.max_steps is not None and progress.step >= settings.max_steps
+            if progress.step % settings.checkpoint_every == 0 or done:
+                save_checkpoint(engine, progress, metrics)
+                checkpointed_step = progress.step
+                maybe_inject_fault(settings.fault_marker, rank, resumed)
+            else:
+                ray.train.report(metrics)
+            if done:
+                break
+        else:
+            progress = Progress(epoch=epoch + 1, batches_in_epoch=0, step=engine.global_steps)
+    if progress.step != checkpointed_step:  # the final state, unless just saved
+        save_checkpoint(engine, progress, metrics)
+
+    export_model(engine, tokenizer, settings, rank)
+
+
+class StepMeter:
+    """Losses and throughput summed over all workers, per optimizer step."""
+
+    def __init__(self, device: torch.device, ar_weight: float):
+        self.device, self.ar_weight = device, ar_weight
+        self.started = time.perf_counter()
+        self._reset()
+
+    def _reset(self) -> None:
+        # rows, tokens, states, consistency sum/count, AR sum/count
+        self.sums = torch.zeros(7, dtype=torch.float64)
+
+    def add(self, batch, output) -> None:
+        self.sums += torch.tensor([
+            batch.rows, batch_tokens(batch), output.states,
+            output.consistency.total.item(), output.consistency.tokens.item(),
+            output.ar.total.item(), output.ar.tokens.item(),
+        ], dtype=torch.float64)
+
+    def step_metrics(self, progress: Progress, lr: float) -> dict[str, float]:
+        totals = self.sums.to(self.device)
+        if torch.distributed.is_initialized():
+            torch.distributed.all_reduce(totals)
+        rows, tokens, states, consistency, consistency_tokens, ar, ar_tokens = totals.tolist()
+        elapsed = time.perf_counter() - self.started
+        self.started = time.perf_counter()
+        self._reset()
+        consistency_loss, ar_loss = consistency / max(consistency_tokens, 1), ar / max(ar_tokens, 1)
+        return {
+            "step": progress.step,
+            "epoch": progress.epoch,
+            "loss": consistency_loss + self.ar_weight * ar_loss,
+            "consistency_loss": consistency_loss,
+            "ar_loss": ar_loss,
+            "samples_per_s": rows / elapsed,
+            "tokens_per_s": tokens / elapsed,
+            "states_per_s": states / elapsed,
+            "lr": lr,
+        }
+
+
+def format_metrics(metrics: dict[str, float], max_steps: int | None) -> str:
+    total = f"/{max_steps}" if max_steps else ""
+    return (
+        f"step {metrics['step']}{total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} consistency {metrics['consistency_loss']:.4f} "
+        f"ar {metrics['ar_loss']:.4f} samples/s {metrics['samples_per_s']:.2f} tokens/s {metrics['tokens_per_s']:.0f} "
+        f"states/s {metrics['states_per_s']:.2f} lr {metrics['lr']:.2e}"
+    )
+
+
+def save_checkpoint(engine, progress: Progress, metrics: dict[str, float]) -> None:
+    """Every worker writes its DeepSpeed shards to a local directory and reports it; Ray Train
+    merges them into one checkpoint in storage."""
+    with tempfile.TemporaryDirectory() as directory:
+        engine.save_checkpoint(directory, tag=f"step_{progress.step}", client_state={"progress": asdict(progress)})
+        ray.train.report(
+            metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+            checkpoint_dir_name=f"checkpoint_step_{progress.step:08d}",
+        )
+
+
+def maybe_inject_fault(marker: str | None, rank: int, resumed: bool) -> None:
+    """Testing aid for FailureConfig: the last worker fails once, right after a checkpoint."""
+    if marker is None or resumed or rank == 0 or os.path.exists(marker):
+        return
+    with open(marker, "w") as handle:
+        handle.write("injected\n")
+    raise RuntimeError(f"injected worker failure (--fault-marker {marker})")
+
+
+def export_model(engine, tokenizer, settings: TrainSettings, rank: int) -> None:
+    """Save a consolidated Hugging Face model + tokenizer to <output>/hf. Under ZeRO-3 every
+    worker takes part in gathering the parameter shards; rank 0 writes."""
+    import deepspeed
+
+    zero3 = engine.zero_optimization_stage() == 3
+    parameters = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None, enabled=zero3):
+        if rank != 0:
+            return
+        filesystem, path = resolve(f"{settings.output.rstrip('/')}/hf", storage_options(settings.s3_endpoint))
+        with tempfile.TemporaryDirectory() as staging:
+            engine.module.save_pretrained(staging)
+            tokenizer.save_pretrained(staging)
+            if filesystem.exists(path):
+                filesystem.rm(path, recursive=True)
+            filesystem.put(staging.rstrip("/") + "/", path, recursive=True)
+    print(f"exported the trained model to {settings.output.rstrip('/')}/hf", flush=True)
+
+
+# -- the recipe -------------------------------------------------------------------------------
+
+
+def ray_filesystem(uri: str, options: dict) -> tuple[PyFileSystem | None, str]:
+    """(filesystem for Ray, path inside it): None and an absolute path for local storage."""
+    if "://" not in uri:
+        return None, os.path.abspath(uri)
+    filesystem, path = resolve(uri, options)
+    return PyFileSystem(FSSpecHandler(filesystem)), path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    options = storage_options(args.s3_endpoint)
+    output = args.output if "://" in args.output else os.path.abspath(args.output)
+
+    # Fail fast: everything that can be checked without the cluster is checked here.
+    try:
+        deepspeed_config = read_deepspeed_config(args.deepspeed)
+        vocab_size, pad_token_id = model_facts(args.model)
+        shards, table = check_trajectories(args.trajectories, options, vocab_size, args.ar_target)
+        loss = LossConfig(kind=args.loss, distance=args.distance, ar_weight=args.ar_weight, ar_target=args.ar_target)
+        if args.workers < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.checkpoint_every < 1:
+            raise InputError("--workers, --batch-size, --grad-accum and --checkpoint-every must be >= 1")
+        if table.num_rows < args.workers * args.batch_size:
+            raise InputError(f"{table.num_rows} rows cannot fill a batch of {args.batch_size} on {args.workers} workers")
+    except (InputError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{table.num_rows} trajectory rows in {len(shards)} shards; model {args.model} (vocab {vocab_size})")
+
+    settings = TrainSettings(
+        model=args.model, output=output, s3_endpoint=args.s3_endpoint, deepspeed_config=deepspeed_config,
+        loss=loss, packed=args.packed, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, pad_token_id=pad_token_id, fault_marker=args.fault_marker,
+    )
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    if not ray.is_initialized():  # a caller (demo, benchmark) may have started Ray already
+        ray.init()
+    use_gpu = args.use_gpu == "yes" or (args.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    data_filesystem, _ = ray_filesystem(args.trajectories, options)
+    dataset = ray.data.read_parquet(shards, filesystem=data_filesystem).select_columns(TRAINING_COLUMNS)
+    storage_filesystem, storage_path = ray_filesystem(output, options)
+    trainer = TorchTrainer(
+        train_loop,
+        train_loop_config={"settings": settings},
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        run_config=RunConfig(
+            name=RUN_NAME,
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=args.max_failures),
+        ),
+        datasets={"train": dataset},
+    )
+    started = time.monotonic()
+    result = trainer.fit()
+
+    metrics = result.metrics or {}
+    print(json.dumps({
+        "steps": metrics.get("step"),
+        "loss": metrics.get("loss"),
+        "consistency_loss": metrics.get("consistency_loss"),
+        "ar_loss": metrics.get("ar_loss"),
+        "seconds": round(time.monotonic() - started, 1),
+        "checkpoint": result.checkpoint.path if result.checkpoint else None,
+        "model": f"{output.rstrip('/')}/hf",
+    }))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""pipelines/train.py: input checks, distributed ZeRO-2/ZeRO-3 runs on a real local Ray cluster
+(resume after an injected worker failure, `ray job submit`, S3 input, HF export), and the effect
+of consistency training on a tiny model's Jacobi TPF."""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from test_collate import PAD, trajectory_rows
+
+from cllm import jacobi_generate, tiny_model
+from cllm.collate import collate_packed
+from cllm.data import rows_to_table, write_shard
+from cllm.losses import LossConfig, compute_losses
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO_ROOT))
+from pipelines import train
+
+VOCAB = 64
+N_TOKEN = 4
+PROMPTS = [[3, 17, 22, 9, 41], [5, 5, 30, 12], [60, 2, 14, 33, 7, 8], [11, 48, 25], [40, 41, 42, 43, 44, 45, 46]]
+
+
+def save_tiny_model(directory: Path, vocab_size: int = VOCAB) -> Path:
+    """A tiny Llama with a word-level tokenizer over its ids, as a local HF model directory."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocabulary = {"<pad>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<pad>")
+    tiny_model("llama", vocab_size=vocab_size, seed=0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def trajectory_table(model_directory: Path) -> pa.Table:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_directory).eval()
+    return rows_to_table(trajectory_rows(model, PROMPTS, n_token=N_TOKEN, max_new_tokens=12))
+
+
+@pytest.fixture(scope="module")
+def tiny_run_inputs(tmp_path_factory):
+    """(model directory, shard directory): the tiny model and its own trajectories, repeated so
+    that 2 workers get several batches, in 2 shards."""
+    root = tmp_path_factory.mktemp("train-inputs")
+    model_directory = save_tiny_model(root / "model")
+    table = trajectory_table(model_directory)
+    shards = root / "trajectories"
+    for index in range(2):
+        write_shard(pa.concat_tables([table] * 3), str(shards / f"part-{index}.parquet"))
+    return model_directory, shards
+
+
+# -- input checks (fast: they stop before Ray starts) -------------------------------------------
+
+
+def run_checks(capsys, *args: str) -> str:
+    assert train.main(list(args)) == 2
+    return capsys.readouterr().err
+
+
+def test_input_checks_stop_before_any_worker(tiny_run_inputs, tmp_path, capsys):
+    model, shards = tiny_run_inputs
+    base = ["--model", str(model), "--output", str(tmp_path / "out")]
+
+    assert "no trajectory shards" in run_checks(capsys, *base, "--trajectories", str(tmp_path / "missing"))
+
+    empty = tmp_path / "empty"
+    write_shard(rows_to_table([]), str(empty / "part-0.parquet"))
+    assert "hold no rows" in run_checks(capsys, *base, "--trajectories", str(empty))
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    table = pq.read_table(next(shards.glob("*.parquet")))
+    pq.write_table(table.drop_columns(["states"]), broken / "part-0.parquet")
+    message = run_checks(capsys, *base, "--trajectories", str(broken))
+    assert "part-0.parquet" in message and "states" in message
+
+    small_model = save_tiny_model(tmp_path / "small-model", vocab_size=32)
+    message = run_checks(capsys, "--model", str(small_model), "--output", str(tmp_path / "o"), "--trajectories", str(shards))
+    assert "vocabulary has 32 ids" in message
+
+    bad_config = tmp_path / "zero.json"
+    bad_config.write_text("{not json")
+    message = run_checks(capsys, *base, "--trajectories", str(shards), "--deepspeed", str(bad_config))
+    assert "cannot read DeepSpeed config" in message
+    message = run_checks(capsys, *base, "--trajectories", str(shards), "--deepspeed", str(tmp_path / "none.json"))
+    assert "cannot read DeepSpeed config" in message
+
+
+def test_shipped_deepspeed_configs_are_zero_2_and_3():
+    assert train.read_deepspeed_config(str(REPO_ROOT / "cluster/deepspeed/zero2.json"))["zero_optimization"]["stage"] == 2
+    assert train.read_deepspeed_config(str(REPO_ROOT / "cluster/deepspeed/zero3.json"))["zero_optimization"]["stage"] == 3
+    settings = train.engine_config(
+        train.TrainSettings(
+            model="m", output="o", s3_endpoint=None, deepspeed_config={"zero_optimization": {"stage": 2}},
+            loss=LossConfig(), packed=True, epochs=1, max_steps=None, lr=1e-3, batch_size=3, grad_accum=2,
+            seed=0, checkpoint_every=1, pad_token_id=0, fault_marker=None,
+        ),
+        world_size=2, use_gpu=False,
+    )
+    assert settings["train_batch_size"] == 12 and settings["bf16"] == {"enabled": False}
+
+
+# -- distributed runs on the local 2-node cluster (slow) -------------------------------------------
+
+
+def step_losses(log: str) -> dict[int, float]:
+    """step -> training loss (consistency + w·AR), from the job log's per-step lines."""
+    return {int(step): float(loss) for step, loss in re.findall(r"step (\d+)/\d+ epoch \d+ loss ([\d.]+) ", log)}
+
+
+def check_export(hf_directory: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    assert (hf_directory / "model.safetensors").exists()
+    model = AutoModelForCausalLM.from_pretrained(hf_directory).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_directory)
+    prompt = tokenizer("w3 w17 w22", return_tensors="pt")
+    generated = model.generate(**prompt, max_new_tokens=6, do_sample=False)
+    assert generated.shape == (1, 9)
+
+
+@pytest.mark.slow
+def test_zero2_resumes_after_a_worker_failure(ray_cluster, tiny_run_inputs, tmp_path):
+    model, shards = tiny_run_inputs
+    output, marker = tmp_path / "cllm", tmp_path / "failed-once"
+    run = ray_cluster.submit(
+        "python", "pipelines/train.py", "--model", str(model), "--trajectories", str(shards),
+        "--output", str(output), "--workers", "2", "--deepspeed", "cluster/deepspeed/zero2.json",
+        "--batch-size", "4", "--max-steps", "8", "--epochs", "10", "--lr", "3e-3", "--checkpoint-every", "3",
+        "--fault-marker", str(marker),
+    )
+    log = run.stdout + run.stderr
+    print(log)
+    assert run.returncode == 0, log[-4000:]
+    assert marker.exists() and "injected worker failure" in log
+    assert "resuming from the checkpoint at step 3" in log
+    after_restart = log[log.index("resuming from the checkpoint at step 3"):]
+    steps_after = [int(step) for step in re.findall(r"step (\d+)/8 ", after_restart)]
+    assert steps_after[0] == 4 and steps_after[-1] == 8  # went on from the checkpoint, not from step 1
+    losses = step_losses(log)
+    assert losses[8] < losses[1]
+    summary = json.loads(log[log.rindex('{"steps"'):].splitlines()[0])
+    assert summary["steps"] == 8
+    check_export(output / "hf")
+
+
+@pytest.mark.slow
+def test_zero3_job_submit_from_s3_exports_a_model(ray_cluster, s3_server, tiny_run_inputs, tmp_path):
+    model, shards = tiny_run_inputs
+    filesystem = s3_server.filesystem()
+    for shard in sorted(shards.glob("*.parquet")):
+        write_shard(pq.read_table(shard), f"{s3_server.bucket}/train-trajectories/{shard.name}", filesystem=filesystem)
+    output = tmp_path / "cllm3"
+    args = [
+        "python", "pipelines/train.py", "--model", str(model),
+        "--trajectories", s3_server.uri("train-trajectories"), "--s3-endpoint", s3_server.endpoint_url,
+        "--output", str(output), "--workers", "2", "--deepspeed", "cluster/deepspeed/zero3.json",
+        "--batch-size", "4", "--lr", "3e-3", "--checkpoint-every", "4", "--loss", "local", "--no-packed",
+    ]
+    run = ray_cluster.submit(*args, "--max-steps", "6", "--epochs", "10")
+    print(run.stdout + run.stderr)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log[-4000:]
+    losses = step_losses(log)
+    assert sorted(losses) == list(range(1, 7)) and losses[6] < losses[1]
+    check_export(output / "hf")
+
+
+
+# -- the effect: consistency training raises Jacobi TPF (in process, no Ray) -------------------------
+
+
+def batched_tpf(model, prompts: list[list[int]], n_token: int, max_new_tokens: int) -> float:
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    output = jacobi_generate(model, input_ids, attention_mask, n_token=n_token, max_new_tokens=max_new_tokens, pad_token_id=PAD)
+    return output.stats.total.tokens_per_forward
+
+
+@pytest.mark.slow
+def test_consistency_training_raises_jacobi_tpf():
+    torch.manual_seed(0)
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    prompts = PROMPTS[:4]
+    before = batched_tpf(model, prompts, n_token=8, max_new_tokens=32)
+    rows = trajectory_rows(model, prompts, n_token=8, max_new_tokens=32)
+    batch = collate_packed(rows, PAD)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(40):
+        output = compute_losses(model, batch, LossConfig(ar_weight=1.0))
+        optimizer.zero_grad()
+        output.loss.backward()
+        optimizer.step()
+    model.eval()
+    after = batched_tpf(model, prompts, n_token=8, max_new_tokens=32)
+    print(f"Jacobi TPF on the training prompts: before {before:.2f}, after {after:.2f}")
+    assert before < 1.2
+    assert after > 1.5 * before
