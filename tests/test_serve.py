@@ -1,0 +1,632 @@
+"""End-to-end tests of the Serve application over real HTTP, with the official `openai` client.
+
+One Serve instance for the module, on a private local Ray (loopback only), serving a tiny random
+Llama saved to disk with a small word-level tokenizer, through two applications:
+
+- `main` (route prefix /): autoscaled Decoder (1 to 2 replicas), dynamic batching;
+- `tight` (route prefix /tight): one replica that takes one request at a time and queues one more,
+  for the over-capacity and client-disconnect cases.
+
+Every text is compared with `cllm.ar_generate` (greedy AR) on the same model in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import subprocess
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import torch
+import yaml
+
+from cllm import ar_generate, load_model, tiny_model
+
+slow = pytest.mark.slow  # the tests that need the Serve instance
+
+CONFIG = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+API_KEY = "test-key-123"
+MODEL_NAME = "tiny"
+CONTEXT = 4096
+N_TOKEN = 4
+PROMPTS = ["t5 t17 t42", "t99 t3", "t64 t65 t66 t67 t68", "t120"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def save_tiny_checkpoint(path: str, with_eos: bool = True) -> None:
+    """A tiny random Llama and a matching word-level tokenizer (`<unk>`, `<pad>`, `<eos>`, then
+    words t3 ... t127), saved like any Hugging Face checkpoint. Without EOS, every generation
+    runs to max_tokens (the capacity tests need requests that surely last)."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, 128)}}
+    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    special_tokens = {
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        **({"eos_token": "<eos>"} if with_eos else {}),
+    }
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
+    model = tiny_model("llama", vocab_size=128, seed=1, max_position_embeddings=CONTEXT)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+class Reference:
+    """Greedy AR text of the served model, computed here."""
+
+    def __init__(self, path: str):
+        self.model, self.tokenizer = load_model(path, device="cpu")
+
+    def ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def generate(self, prompt_ids: list[int], max_tokens: int) -> list[int]:
+        output = ar_generate(
+            self.model,
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_tokens,
+            eos_token_id=self.tokenizer.eos_token_id,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return output.new_tokens[0]
+
+    def text(self, prompt: str, max_tokens: int) -> str:
+        return self.tokenizer.decode(self.generate(self.ids(prompt), max_tokens), skip_special_tokens=True)
+
+
+class Server:
+    def __init__(self, url: str, reference: Reference):
+        self.url = url
+        self.reference = reference
+        self.client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+        self.headers = {"Authorization": f"Bearer {API_KEY}"}
+
+    def post(self, path: str, **kwargs) -> httpx.Response:
+        headers = {**self.headers, **kwargs.pop("headers", {})}
+        return httpx.post(f"{self.url}{path}", headers=headers, timeout=120, **kwargs)
+
+    def decoder_load(self, app: str):
+        from ray import serve
+
+        return serve.get_deployment_handle("Decoder", app_name=app).load.remote().result(timeout_s=120)
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import ray
+    from ray import serve
+
+    from serve.app import BuilderArgs, build_app
+
+    torch.set_num_threads(1)  # the machine is small and shared; replicas have their own threads
+    path = str(tmp_path_factory.mktemp("tiny-model"))
+    save_tiny_checkpoint(path)
+    path_without_eos = str(tmp_path_factory.mktemp("tiny-model-without-eos"))
+    save_tiny_checkpoint(path_without_eos, with_eos=False)
+    port = free_port()
+    if ray.is_initialized():  # another module's connection: ours needs its own runtime_env
+        ray.shutdown()
+    ray.init(
+        address="local",  # a private instance, never a cluster that happens to run on this machine
+        num_cpus=4,
+        object_store_memory=100 * 1024 * 1024,
+        include_dashboard=False,
+        _node_ip_address="127.0.0.1",  # loopback only
+        # Serve gives its replicas the driver's runtime_env: the API key reaches the ingress so.
+        runtime_env={"env_vars": {"CLLM_API_KEY": API_KEY}},
+    )
+    try:
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        common = dict(served_model_name=MODEL_NAME, n_token=N_TOKEN, num_cpus=0.5, ingress_num_cpus=0.25)
+        main = BuilderArgs(
+            model=path,
+            **common,
+            max_batch_size=8,
+            batch_wait_ms=100,  # generous, so concurrent test requests surely share a batch
+            min_replicas=1,
+            max_replicas=2,
+            target_ongoing_requests=4,
+            max_ongoing_requests=8,
+            autoscaling_overrides={
+                "upscale_delay_s": 1,
+                "downscale_delay_s": 3,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 2,
+            },
+        )
+        tight = BuilderArgs(
+            model=path_without_eos, **common, max_batch_size=1, max_ongoing_requests=1, max_queued_requests=1
+        )
+        serve.run(build_app(main), name="main", route_prefix="/")
+        serve.run(build_app(tight), name="tight", route_prefix="/tight")
+        yield Server(f"http://127.0.0.1:{port}", Reference(path))
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def error_of(response: httpx.Response, status: int) -> dict:
+    """The OpenAI error object of `response`, after checking its status and shape."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert isinstance(body["error"]["message"], str) and body["error"]["message"]
+    return body["error"]
+
+
+# -- happy paths ----------------------------------------------------------------------------------
+
+
+@slow
+def test_health_and_models(server):
+    assert httpx.get(f"{server.url}/health").json() == {"status": "ok"}
+    assert [model.id for model in server.client.models.list()] == [MODEL_NAME]
+    assert server.client.models.retrieve(MODEL_NAME).id == MODEL_NAME
+
+
+@slow
+def test_completion_equals_greedy_ar_with_usage(server):
+    for prompt, max_tokens in zip(PROMPTS[:2], (24, 40)):
+        response = server.client.completions.create(
+            model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens, temperature=0
+        )
+        choice = response.choices[0]
+        expected_ids = server.reference.generate(server.reference.ids(prompt), max_tokens)
+        assert choice.text == server.reference.tokenizer.decode(expected_ids, skip_special_tokens=True)
+        assert choice.finish_reason == ("stop" if expected_ids[-1] == 2 else "length")
+        usage = response.usage
+        assert usage.prompt_tokens == len(server.reference.ids(prompt))
+        assert usage.completion_tokens == len(expected_ids)
+        assert usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
+        assert 1 <= usage.forwards <= usage.completion_tokens
+        assert usage.tokens_per_forward == pytest.approx(usage.completion_tokens / usage.forwards)
+
+
+@slow
+def test_completion_from_token_ids(server):
+    ids = server.reference.ids(PROMPTS[2])
+    response = server.client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=16)
+    assert response.choices[0].text == server.reference.text(PROMPTS[2], 16)
+
+
+@slow
+def test_chat_equals_greedy_ar(server):
+    messages = [{"role": "system", "content": "t7 t8"}, {"role": "user", "content": "t9 t10 t11"}]
+    response = server.client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=20, extra_body={"n_token": 8}
+    )
+    # The tokenizer has no chat template: the documented plain fallback.
+    expected = server.reference.text("system: t7 t8\nuser: t9 t10 t11\nassistant:", 20)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected
+    assert response.usage.completion_tokens >= 1
+
+
+@slow
+def test_streaming_completion(server):
+    stream = server.client.completions.create(
+        model=MODEL_NAME,
+        prompt=PROMPTS[0],
+        max_tokens=30,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    chunks = list(stream)
+    texts = [chunk.choices[0].text for chunk in chunks if chunk.choices]
+    assert len([text for text in texts if text]) > 1  # really streamed, not one blob
+    assert "".join(texts) == server.reference.text(PROMPTS[0], 30)
+    assert chunks[-2].choices[0].finish_reason in ("stop", "length")
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens >= 1
+
+
+@slow
+def test_streaming_chat_ends_with_done(server):
+    body = {
+        "model": MODEL_NAME,
+        "messages": [{"role": "user", "content": "t30 t31"}],
+        "max_tokens": 12,
+        "stream": True,
+    }
+    with httpx.stream(
+        "POST", f"{server.url}/v1/chat/completions", json=body, headers=server.headers
+    ) as response:
+        assert response.status_code == 200
+        assert response.headers["content-type"].startswith("text/event-stream")
+        events = [line.removeprefix("data: ") for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(event) for event in events[:-1]]
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    text = "".join(chunk["choices"][0]["delta"].get("content", "") for chunk in chunks)
+    assert text == server.reference.text("user: t30 t31\nassistant:", 12)
+
+
+@slow
+def test_stop_sequence_cuts_the_text(server):
+    full = server.reference.text(PROMPTS[2], 30)
+    words = full.split()
+    stop = f" {words[len(words) // 2]}"  # a word in the middle, with its leading space
+    expected = full[: full.index(stop)]
+    response = server.client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=30, stop=[stop]
+    )
+    assert response.choices[0].text == expected
+    assert response.choices[0].finish_reason == "stop"
+    streamed = server.client.completions.create(
+        model=MODEL_NAME, prompt=PROMPTS[2], max_tokens=30, stop=stop, stream=True
+    )
+    assert "".join(chunk.choices[0].text for chunk in streamed if chunk.choices) == expected
+
+
+@slow
+def test_concurrent_requests_share_a_batch_and_match_alone(server):
+    requests = list(zip(PROMPTS, (30, 12, 25, 18)))
+    alone = {(prompt, n): server.reference.text(prompt, n) for prompt, n in requests}
+    before = server.decoder_load("main")
+
+    def ask(request: tuple[str, int]) -> str:
+        prompt, max_tokens = request
+        response = server.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=max_tokens)
+        return response.choices[0].text
+
+    with ThreadPoolExecutor(len(requests)) as pool:
+        texts = list(pool.map(ask, requests))
+    after = server.decoder_load("main")
+    assert texts == [alone[request] for request in requests]
+    batches = after.batches - before.batches
+    rows = after.batched_rows - before.batched_rows
+    assert rows == len(requests) and batches < rows  # some requests were decoded together
+
+
+# -- errors ---------------------------------------------------------------------------------------
+
+
+@slow
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"model": MODEL_NAME, "prompt": "t5", "max_tokens": "5"}, "max_tokens"),  # wrong type
+        ({"model": MODEL_NAME, "prompt": "t5", "max_tokens": 0}, "max_tokens"),  # out of range
+        ({"model": MODEL_NAME, "prompt": "t5", "n_token": 0}, "n_token"),
+        ({"model": MODEL_NAME, "prompt": "t5", "n_token": 1000}, "n_token"),
+        ({"model": MODEL_NAME, "prompt": "t5", "temperature": 0.7}, "temperature"),
+        ({"model": MODEL_NAME, "prompt": "t5", "n": 2}, "n"),
+        ({"model": MODEL_NAME, "prompt": "t5", "logprobs": 3}, "logprobs"),
+        ({"model": MODEL_NAME, "prompt": "t5", "frobnicate": True}, "frobnicate"),  # unknown field
+        ({"model": MODEL_NAME, "prompt": [5, 999]}, "prompt"),  # token id outside the vocabulary
+        ({"model": MODEL_NAME, "prompt": ""}, "prompt"),
+        ({"prompt": "t5"}, "model"),
+    ],
+)
+def test_invalid_completion_requests_are_400(server, body, param):
+    assert error_of(server.post("/v1/completions", json=body), 400)["param"] == param
+
+
+@slow
+def test_invalid_chat_requests_are_400(server):
+    empty = {"model": MODEL_NAME, "messages": []}
+    assert error_of(server.post("/v1/chat/completions", json=empty), 400)["param"] == "messages"
+    bad_role = {"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "t5"}]}
+    assert error_of(server.post("/v1/chat/completions", json=bad_role), 400)["param"].startswith("messages")
+
+
+@slow
+def test_malformed_json_is_400(server):
+    response = server.post(
+        "/v1/completions",
+        content=b'{"model": "tiny", "prompt": ',
+        headers={"Content-Type": "application/json"},
+    )
+    assert error_of(response, 400)["code"] == "invalid_json"
+    assert error_of(server.post("/v1/completions", json=[1, 2]), 400)["type"] == "invalid_request_error"
+
+
+@slow
+def test_prompt_plus_max_tokens_over_context_is_400(server):
+    error = error_of(
+        server.post("/v1/completions", json={"model": MODEL_NAME, "prompt": "t5 t6", "max_tokens": CONTEXT}),
+        400,
+    )
+    assert error["code"] == "context_length_exceeded" and error["param"] == "max_tokens"
+    with pytest.raises(openai.BadRequestError):
+        server.client.completions.create(model=MODEL_NAME, prompt="t5", max_tokens=CONTEXT + 1)
+
+
+@slow
+def test_unknown_model_is_404(server):
+    error = error_of(server.post("/v1/completions", json={"model": "gpt-9", "prompt": "t5"}), 404)
+    assert error["code"] == "model_not_found" and error["param"] == "model"
+    with pytest.raises(openai.NotFoundError):
+        server.client.chat.completions.create(model="gpt-9", messages=[{"role": "user", "content": "t5"}])
+    error_of(httpx.get(f"{server.url}/v1/nowhere", headers=server.headers), 404)
+
+
+@slow
+def test_missing_or_wrong_api_key_is_401(server):
+    body = {"model": MODEL_NAME, "prompt": "t5", "max_tokens": 2}
+    error_of(httpx.post(f"{server.url}/v1/completions", json=body), 401)
+    wrong = {"Authorization": "Bearer not-the-key"}
+    assert (
+        error_of(httpx.post(f"{server.url}/v1/completions", json=body, headers=wrong), 401)["type"]
+        == "authentication_error"
+    )
+    error_of(httpx.get(f"{server.url}/v1/models", headers={"Authorization": API_KEY}), 401)  # no "Bearer"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=f"{server.url}/v1", api_key="nope", max_retries=0).models.list()
+    assert httpx.get(f"{server.url}/health").status_code == 200  # probes need no key
+
+
+@slow
+def test_oversized_body_is_refused(server):
+    body = {"model": MODEL_NAME, "prompt": "t5 " * 400_000}
+    assert error_of(server.post("/v1/completions", json=body), 413)["code"] == "request_too_large"
+
+
+# -- capacity and disconnects (the `tight` app: one request at a time, one queued, no EOS) -----
+
+
+LONG = {"model": MODEL_NAME, "prompt": "t11 t12", "max_tokens": 3000, "n_token": 1}
+
+
+@slow
+def test_over_capacity_is_503_quickly(server):
+    async def scenario() -> tuple[httpx.Response, float]:
+        async with httpx.AsyncClient(
+            base_url=f"{server.url}/tight", headers=server.headers, timeout=120
+        ) as client:
+            async with client.stream("POST", "/v1/completions", json={**LONG, "stream": True}) as running:
+                lines = running.aiter_lines()  # held: dropping the iterator would close the stream
+                await anext(lines)  # the one slot is busy now
+                queued = asyncio.create_task(client.post("/v1/completions", json=LONG))
+                await asyncio.sleep(1.0)  # ... and the one queue place is taken
+                started = time.monotonic()
+                refused = await client.post("/v1/completions", json={**LONG, "max_tokens": 2})
+                elapsed = time.monotonic() - started
+                queued.cancel()
+            return refused, elapsed
+
+    refused, elapsed = asyncio.run(scenario())
+    error = error_of(refused, 503)
+    assert error["type"] == "server_error" and error["code"] == "overloaded"
+    assert elapsed < 5
+
+
+@slow
+def test_disconnect_mid_stream_stops_generation(server):
+    before = server.decoder_load("tight")
+    with httpx.stream(
+        "POST", f"{server.url}/tight/v1/completions", json={**LONG, "stream": True}, headers=server.headers
+    ) as response:
+        lines = response.iter_lines()
+        assert next(lines).startswith("data: ")
+    # The connection is closed. The replica takes one request at a time, so this one only runs
+    # once the abandoned row has stopped.
+    small = server.post("/tight/v1/completions", json={**LONG, "max_tokens": 3})
+    assert small.status_code == 200
+    after = server.decoder_load("tight")
+    assert after.running_rows == 0 and after.queued == 0
+    abandoned_tokens = (
+        after.generated_tokens - before.generated_tokens - small.json()["usage"]["completion_tokens"]
+    )
+    assert abandoned_tokens < LONG["max_tokens"] // 2, abandoned_tokens
+
+
+# -- autoscaling (last: it leaves the main app busy for a while) --------------------------------
+
+
+def running_decoders() -> int:
+    from ray import serve
+
+    return serve.status().applications["main"].deployments["Decoder"].replica_states.get("RUNNING", 0)
+
+
+def wait_for(condition, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.5)
+    return False
+
+
+@slow
+def test_autoscaling_up_under_load_and_back_down(server):
+    assert wait_for(lambda: running_decoders() == 1, 60)
+    stop = threading.Event()
+
+    def keep_busy() -> None:
+        while not stop.is_set():
+            server.client.completions.create(model=MODEL_NAME, prompt="t40 t41", max_tokens=200)
+
+    workers = [threading.Thread(target=keep_busy) for _ in range(12)]
+    for worker in workers:
+        worker.start()
+    try:
+        scaled_up = wait_for(lambda: running_decoders() == 2, 120)
+    finally:
+        stop.set()
+        for worker in workers:
+            worker.join()
+    assert scaled_up
+    assert wait_for(lambda: running_decoders() == 1, 120)
+
+
+# -- the Serve config file ------------------------------------------------------------------------
+
+
+def decoder_options(config: dict) -> dict:
+    from ray.serve.schema import ServeDeploySchema
+
+    from serve.app import BuilderArgs
+
+    application = ServeDeploySchema.model_validate(config).applications[0]
+    assert application.import_path == "serve.app:build_app"
+    BuilderArgs.model_validate(application.args)  # what `serve run` will hand to the builder
+    decoder = next(deployment for deployment in application.deployments if deployment.name == "Decoder")
+    return decoder.dict(exclude_unset=True)
+
+
+def test_config_yaml_and_its_documented_cpu_override():
+    options = decoder_options(yaml.safe_load(CONFIG.read_text()))
+    assert options["ray_actor_options"]["num_gpus"] == 1
+    assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(options["autoscaling_config"])
+    assert options["max_ongoing_requests"] >= 1 and options["max_queued_requests"] >= 1
+    # The exact command the config's header documents for CPU-only machines.
+    cpu = subprocess.run(
+        ["sed", "s/num_gpus: 1/num_gpus: 0/", str(CONFIG)], capture_output=True, text=True, check=True
+    )
+    assert decoder_options(yaml.safe_load(cpu.stdout))["ray_actor_options"]["num_gpus"] == 0
+
+
+# -- the decoder replica and its batching, in this process (no Ray, no HTTP) -------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> str:
+    path = str(tmp_path_factory.mktemp("tiny-model-in-process"))
+    save_tiny_checkpoint(path, with_eos=False)
+    return path
+
+
+def new_decoder(path: str, **settings):
+    """The Decoder deployment's class itself, constructed directly (what a replica runs)."""
+    from serve.decoder import Decoder, DecoderSettings
+
+    return Decoder.func_or_class(DecoderSettings(model=path, **settings))
+
+
+def test_stop_text_assembler_holds_back_what_may_become_a_stop():
+    from serve.batching import StopTextAssembler
+
+    words = {1: "a", 2: " b", 3: "c", 4: " E", 5: "ND", 6: " x"}
+    text = StopTextAssembler(lambda ids: "".join(words[i] for i in ids), stop=[" END"])
+    assert text.update([1]) == "a"
+    assert text.update([1, 2]) == " b"
+    assert text.update([1, 2, 4]) == ""  # " E" may begin " END"
+    assert text.update([1, 2, 4, 5]) == "" and text.stopped  # it did: cut before it
+    assert text.text == "a b"
+    other = StopTextAssembler(lambda ids: "".join(words[i] for i in ids), stop=[" END"])
+    assert other.update([1, 4]) == "a" and other.update([1, 4, 6]) == " E x"  # it did not
+
+
+def test_token_stream_keeps_its_own_max_tokens_and_eos():
+    from serve.batching import Finished, StopTextAssembler, TextDelta, TokenStream
+
+    async def run() -> list:
+        loop = asyncio.get_running_loop()
+        stream = TokenStream(
+            loop, StopTextAssembler(lambda ids: " ".join(map(str, ids)), ()), 4, frozenset({9})
+        )
+        assert stream.on_tokens([1, 2]) is True
+        assert stream.on_tokens([3, 4, 5]) is False  # the batch may run longer than this row wants
+        stream.finish(forwards=3)
+        ended = TokenStream(
+            loop, StopTextAssembler(lambda ids: " ".join(map(str, ids)), ()), 10, frozenset({9})
+        )
+        assert ended.on_tokens([7, 9, 8]) is False
+        ended.finish(forwards=1)
+        return [event async for event in stream.events()] + [event async for event in ended.events()]
+
+    assert asyncio.run(run()) == [
+        TextDelta("1 2"),
+        TextDelta(" 3 4"),
+        Finished("length", 4, 3),
+        TextDelta("7 9"),
+        Finished("stop", 2, 1),
+    ]
+
+
+def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoint):
+    from serve.batching import Accepted, Finished, TextDelta
+    from serve.decoder import DecodeRequest
+
+    torch.set_num_threads(1)
+    decoder = new_decoder(checkpoint, n_token=4, batch_wait_ms=200)
+    reference = Reference(checkpoint)
+    requests = [
+        DecodeRequest(prompt="t5 t17 t42", max_tokens=20),
+        DecodeRequest(prompt=[99, 3], max_tokens=7, seed=5),
+        DecodeRequest(prompt="t64 t65 t66 t67", max_tokens=13),
+    ]
+
+    async def run() -> list[list]:
+        return await asyncio.gather(*(decoder.complete(request) for request in requests))
+
+    results = asyncio.run(run())
+    for request, (accepted, text, finished) in zip(requests, results, strict=True):
+        prompt_ids = reference.ids(request.prompt) if isinstance(request.prompt, str) else request.prompt
+        expected = reference.generate(prompt_ids, request.max_tokens)
+        assert accepted == Accepted(prompt_tokens=len(prompt_ids))
+        assert text == TextDelta(reference.tokenizer.decode(expected, skip_special_tokens=True))
+        assert isinstance(finished, Finished) and finished.completion_tokens == request.max_tokens
+        assert 1 <= finished.forwards <= request.max_tokens
+    load = decoder.load()
+    assert (load.batches, load.batched_rows) == (1, 3)
+
+
+def test_decoder_ar_mode_equals_greedy_ar(checkpoint):
+    from serve.decoder import DecodeRequest
+
+    decoder = new_decoder(checkpoint, mode="ar")
+    reference = Reference(checkpoint)
+    _, text, finished = asyncio.run(decoder.complete(DecodeRequest(prompt="t8 t9", max_tokens=9)))
+    assert text.text == reference.text("t8 t9", 9)
+    assert finished.forwards == 9  # one token per forward
+
+
+def test_decoder_rejects_what_it_cannot_serve(checkpoint):
+    from serve.batching import Rejected
+    from serve.decoder import DecodeRequest
+
+    decoder = new_decoder(checkpoint, n_token=4, max_n_token=8)
+
+    def rejection(request: DecodeRequest) -> Rejected:
+        events = asyncio.run(decoder.complete(request))
+        assert len(events) == 1 and isinstance(events[0], Rejected), events
+        return events[0]
+
+    assert rejection(DecodeRequest(prompt="t5", n_token=9)).param == "n_token"
+    assert rejection(DecodeRequest(prompt=[5, 128])).param == "prompt"
+    assert rejection(DecodeRequest(prompt="")).param == "prompt"
+    # The last block looks n_token - 1 = 3 positions ahead: 4090 + 3 + 3 fills the 4096 exactly.
+    long_prompt = [5] * 4090
+    assert rejection(DecodeRequest(prompt=long_prompt, max_tokens=4)).code == "context_length_exceeded"
+    fits = asyncio.run(decoder.complete(DecodeRequest(prompt=long_prompt, max_tokens=3)))
+    assert fits[-1].completion_tokens == 3
+
+
+def test_cancelled_request_stops_its_row(checkpoint):
+    from serve.decoder import DecodeRequest
+
+    decoder = new_decoder(checkpoint, n_token=1)
+
+    async def run() -> None:
+        task = asyncio.create_task(decoder.complete(DecodeRequest(prompt="t5", max_tokens=3000)))
+        while decoder.load().generated_tokens == 0 and decoder.load().running_rows == 0:
+            await asyncio.sleep(0.01)
+        await asyncio.sleep(0.2)
+        task.cancel()  # what Serve does when the client disconnects
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        while decoder.load().running_rows:  # the decoding thread notices at the row's next token
+            await asyncio.sleep(0.01)
+
+    asyncio.run(run())
+    assert 0 < decoder.load().generated_tokens < 3000
