@@ -1,0 +1,232 @@
+"""The whole CLLM loop on the offline default, end to end: `make demo`.
+
+    python pipelines/demo.py [--budget quick|long] [--fresh]
+
+Stages, each with its artifacts under --output (default runs/demo/):
+  1. teacher   build (first time only, cached under ~/.cache/cllm) or load the toy teacher;
+  2. collect   Jacobi trajectories of the teacher on the toy training prompts (trajectories/),
+               with pipelines/collect.py on a local Ray;
+  3. train     consistency-train the CLLM with DeepSpeed on 2 CPU workers (cllm/hf), with
+               pipelines/train.py on a local Ray;
+  4. evaluate  teacher vs CLLM, AR vs Jacobi, on the held-out prompts (report/), with
+               pipelines/evaluate.py;
+then print the table, the report path and the wall time of every stage.
+
+Each stage keeps a marker (stages/<name>.json) with its settings, marked finished, with its wall
+time, only after success. A rerun reuses every finished stage whose settings (and those of every
+stage before it) are unchanged; a stage that must run again first deletes outputs made with other
+settings, while an interrupted one resumes. --fresh deletes --output and starts over. BUDGET=long (or
+--budget long) trades time for stronger numbers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cllm.models import load_model
+
+REPO = Path(__file__).resolve().parents[1]
+PIPELINES = REPO / "pipelines"
+
+
+@dataclass(frozen=True)
+class Budget:
+    """How much work each stage does. `quick` fits the first run in 30 minutes on 2 CPU cores."""
+
+    train_prompts: int  # toy training prompts to collect trajectories on
+    n_token: int  # Jacobi block size, for collection and the CLLM
+    collect_max_new_tokens: int
+    train_max_steps: int
+    train_lr: float
+    eval_prompts: int
+    eval_n_tokens: tuple[int, ...]
+    eval_max_new_tokens: int
+
+
+BUDGETS = {
+    # A minute-long check that the loop runs end to end (tests use it); no effect to see.
+    "tiny": Budget(
+        train_prompts=8, n_token=4, collect_max_new_tokens=8, train_max_steps=2, train_lr=5e-4,
+        eval_prompts=3, eval_n_tokens=(4,), eval_max_new_tokens=8,
+    ),
+    "quick": Budget(
+        train_prompts=1000, n_token=16, collect_max_new_tokens=96, train_max_steps=300, train_lr=5e-4,
+        eval_prompts=48, eval_n_tokens=(8, 16), eval_max_new_tokens=96,
+    ),
+    "long": Budget(
+        train_prompts=5000, n_token=16, collect_max_new_tokens=96, train_max_steps=3000, train_lr=5e-4,
+        eval_prompts=200, eval_n_tokens=(8, 16), eval_max_new_tokens=96,
+    ),
+}
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    budget_name: str
+    budget: Budget
+    output: Path
+    fresh: bool
+    model: str  # the teacher: a toy name, hub id or local directory
+    train_prompts: str
+    heldout_prompts: str
+    workers: int
+    seed: int
+
+
+@dataclass
+class Stage:
+    name: str
+    description: str
+    settings: dict  # what the stage's own result depends on
+    action: Callable[[], None]
+    outputs: tuple[Path, ...] = ()  # deleted before a rerun with other settings (no stale resume)
+
+
+def parse_args(argv: list[str] | None = None) -> DemoConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--budget", choices=sorted(BUDGETS), default=os.environ.get("BUDGET") or "quick",
+                        help="quick (the default, or the BUDGET environment variable), long, or tiny (a smoke check)")
+    parser.add_argument("--fresh", action="store_true", help="delete --output and run every stage again")
+    parser.add_argument("--output", default="runs/demo", help="artifact directory (default: runs/demo)")
+    parser.add_argument("--model", default="toy", help="teacher: toy name, hub id or local directory (default: toy)")
+    parser.add_argument("--train-prompts", default="toy:train", help="prompts to collect on (default: toy:train)")
+    parser.add_argument("--heldout-prompts", default="toy:heldout", help="prompts to evaluate on (default: toy:heldout)")
+    parser.add_argument("--workers", type=int, default=2, help="Ray workers for collect and train (default: 2)")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.budget not in BUDGETS:
+        parser.error(f"unknown budget {args.budget!r}; choose from {sorted(BUDGETS)}")
+    return DemoConfig(
+        budget_name=args.budget, budget=BUDGETS[args.budget], output=Path(args.output).resolve(), fresh=args.fresh,
+        model=args.model, train_prompts=args.train_prompts, heldout_prompts=args.heldout_prompts,
+        workers=args.workers, seed=args.seed,
+    )
+
+
+# -- the stages ------------------------------------------------------------------------------
+
+
+def run_script(script: str, *args: str) -> None:
+    """Run one pipeline as its own process, as a user would; its progress streams through.
+    Unless RAY_ADDRESS says otherwise, each stage starts its own local Ray: a bare `ray.init()`
+    would join whatever cluster `ray start` last left on this machine."""
+    command = [sys.executable, str(PIPELINES / script), *args]
+    print("$ " + " ".join(command[1:]), flush=True)
+    environment = {"RAY_ADDRESS": "local", **os.environ}
+    subprocess.run(command, cwd=REPO, check=True, env=environment)
+
+
+def load_teacher(model: str) -> None:
+    """Load the teacher once, which builds a toy teacher on first use (then it is cached)."""
+    load_model(model, device="cpu")
+
+
+def build_stages(config: DemoConfig) -> list[Stage]:
+    budget, output = config.budget, config.output
+    trajectories, cllm, report = output / "trajectories", output / "cllm", output / "report"
+    collect_args = [
+        "--model", config.model, "--prompts", config.train_prompts, "--output", str(trajectories),
+        "--n-token", str(budget.n_token), "--max-new-tokens", str(budget.collect_max_new_tokens),
+        "--limit", str(budget.train_prompts), "--batch-size", "16", "--workers", str(config.workers),
+        "--seed", str(config.seed),
+    ]
+    train_args = [
+        "--model", config.model, "--trajectories", str(trajectories), "--output", str(cllm),
+        "--workers", str(config.workers), "--max-steps", str(budget.train_max_steps), "--lr", str(budget.train_lr),
+        "--seed", str(config.seed),
+    ]
+    evaluate_args = [
+        "--models", f"teacher={config.model}", f"cllm={cllm / 'hf'}", "--baseline", "teacher",
+        "--prompts", config.heldout_prompts, "--n-token", *map(str, budget.eval_n_tokens),
+        "--max-new-tokens", str(budget.eval_max_new_tokens), "--limit", str(budget.eval_prompts),
+        "--output", str(report), "--seed", str(config.seed),
+    ]
+    return [
+        Stage("teacher", f"build or load the teacher ({config.model})", {"model": config.model},
+              lambda: load_teacher(config.model)),
+        Stage("collect", f"collect Jacobi trajectories on {budget.train_prompts} prompts", {"args": collect_args},
+              lambda: run_script("collect.py", *collect_args), outputs=(trajectories,)),
+        Stage("train", f"consistency-train the CLLM, DeepSpeed on {config.workers} workers", {"args": train_args},
+              lambda: run_script("train.py", *train_args), outputs=(cllm,)),
+        Stage("evaluate", "evaluate teacher vs CLLM, AR vs Jacobi, on held-out prompts", {"args": evaluate_args},
+              lambda: run_script("evaluate.py", *evaluate_args), outputs=(report,)),
+    ]
+
+
+# -- running them ----------------------------------------------------------------------------
+
+
+def _marker(output: Path, stage: Stage) -> Path:
+    return output / "stages" / f"{stage.name}.json"
+
+
+def _read_marker(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def run_stages(stages: list[Stage], output: Path) -> dict[str, tuple[float, bool]]:
+    """Run the stages in order. A stage is reused when it finished before with the same settings
+    as its own and every earlier stage's; otherwise it runs, after its outputs are deleted if
+    they came from other settings (same settings: the stage's own resume picks up). Returns each
+    stage's wall time in seconds and whether it was reused."""
+    times: dict[str, tuple[float, bool]] = {}
+    key: dict | None = None
+    for number, stage in enumerate(stages, start=1):
+        key = {"settings": stage.settings, "after": key}  # an upstream change reaches every later stage
+        heading = f"[{number}/{len(stages)}] {stage.name}: {stage.description}"
+        marker_path = _marker(output, stage)
+        marker = _read_marker(marker_path)
+        if marker is not None and marker.get("key") == key and marker.get("finished"):
+            print(f"{heading} -- reusing the finished stage ({marker['seconds']:.0f}s when it ran)", flush=True)
+            times[stage.name] = (marker["seconds"], True)
+            continue
+        print(f"\n{heading}", flush=True)
+        if marker is not None and marker.get("key") != key:
+            for path in stage.outputs:
+                shutil.rmtree(path, ignore_errors=True)
+        marker_path.parent.mkdir(parents=True, exist_ok=True)
+        marker_path.write_text(json.dumps({"key": key, "finished": False}))
+        started = time.perf_counter()
+        stage.action()
+        seconds = time.perf_counter() - started
+        # Marked finished only now, after success, so an interrupted stage is never reused.
+        marker_path.write_text(json.dumps({"key": key, "finished": True, "seconds": seconds}, indent=2))
+        print(f"[{number}/{len(stages)}] {stage.name} done in {seconds:.0f}s", flush=True)
+        times[stage.name] = (seconds, False)
+    return times
+
+
+def print_summary(config: DemoConfig, times: dict[str, tuple[float, bool]]) -> None:
+    report = config.output / "report" / "report.md"
+    print("\n" + report.read_text())
+    print(f"budget: {config.budget_name} {asdict(config.budget)}")
+    print("wall time per stage:")
+    for name, (seconds, reused) in times.items():
+        print(f"  {name:<9} {seconds / 60:6.1f} min" + ("  (reused from an earlier run)" if reused else ""))
+    print(f"  {'total':<9} {sum(s for s, _ in times.values()) / 60:6.1f} min")
+    print(f"\nreport: {report} (plots beside it)")
+
+
+def main(argv: list[str] | None = None) -> None:
+    config = parse_args(argv)
+    if config.fresh and config.output.exists():
+        shutil.rmtree(config.output)
+    config.output.mkdir(parents=True, exist_ok=True)
+    times = run_stages(build_stages(config), config.output)
+    print_summary(config, times)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,156 @@
+"""Evaluate models the way the paper's Table 1 does: greedy AR vs Jacobi decoding, base vs CLLM.
+
+    python pipelines/evaluate.py --models teacher=toy cllm=runs/demo/cllm/hf \
+        --prompts toy:heldout --n-token 8 16 --limit 64 --output runs/demo/report
+
+For every model: AR and Jacobi tokens/s timed side by side in this one process (warm-up first,
+the same batches, every model and method taking turns batch by batch), tokens per forward,
+speedup over the baseline model's AR, fast-forwarded and stationary tokens per block, and quality
+(exact-answer accuracy where the task has one, agreement with the baseline's greedy output,
+held-out loss on reference answers). Writes report.json, report.md and PNG plots into --output.
+One process keeps the timing fair, so there is no Ray here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from cllm.evaluation import (
+    REPORT_MD,
+    Contender,
+    DecodeSettings,
+    ModelEvaluation,
+    ReportRow,
+    RunResult,
+    compare_decoding,
+    exact_answer_metric,
+    heldout_loss,
+    markdown_table,
+    score_task,
+    toy_task_domain,
+    visible_token,
+    write_report,
+)
+from cllm.models import load_model
+from cllm.prompts import PromptRecord, load_prompts
+
+
+@dataclass
+class EvaluateConfig:
+    models: dict[str, str]  # name -> hub id, local directory, or toy name; in table order
+    baseline: str
+    prompts: str
+    format: str
+    n_tokens: list[int]
+    max_new_tokens: int
+    limit: int | None
+    batch_size: int
+    output: str
+    seed: int
+    repeats: int
+
+
+def _model_spec(text: str) -> tuple[str, str]:
+    name, separator, path = text.partition("=")
+    if not separator:  # a bare path names itself
+        return text, text
+    if not name or not path:
+        raise argparse.ArgumentTypeError(f"expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--models", nargs="+", type=_model_spec, default=[("teacher", "toy")],
+                        metavar="NAME=PATH", help="models to compare, in table order (default: teacher=toy)")
+    parser.add_argument("--baseline", help="model whose greedy AR is the 1.0x reference (default: the first)")
+    parser.add_argument("--prompts", default="toy:heldout", help="prompt source, as in collect (default: toy:heldout)")
+    parser.add_argument("--format", default="auto", help="prompt file format, as in collect (default: auto)")
+    parser.add_argument("--n-token", dest="n_tokens", nargs="+", type=int, default=[16],
+                        help="Jacobi block sizes to evaluate (default: 16)")
+    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--limit", type=int, default=64, help="number of prompts (default: 64; 0 for all)")
+    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1, as in the paper)")
+    parser.add_argument("--output", default="runs/evaluate", help="report directory (default: runs/evaluate)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the Jacobi initial guesses")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timed decodes per batch and method, the fastest counts (default: 3)")
+    args = parser.parse_args(argv)
+    models = dict(args.models)
+    if len(models) != len(args.models):
+        parser.error("model names must be unique")
+    baseline = args.baseline or next(iter(models))
+    if baseline not in models:
+        parser.error(f"--baseline {baseline!r} is not one of --models {list(models)}")
+    return EvaluateConfig(
+        models=models, baseline=baseline, prompts=args.prompts, format=args.format,
+        n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens, limit=args.limit or None,
+        batch_size=args.batch_size, output=args.output, seed=args.seed,
+        repeats=args.repeats,
+    )
+
+
+@dataclass
+class LoadedModel:
+    contender: Contender
+    tokenizer: object
+    records: list[PromptRecord]
+
+
+def load(name: str, path: str, config: EvaluateConfig) -> LoadedModel:
+    """A model with its prompts, tokenized by its own tokenizer."""
+    model, tokenizer = load_model(path)
+    records, bad_rows = load_prompts(config.prompts, tokenizer, format=config.format, limit=config.limit)
+    if bad_rows:
+        print(f"[{name}] skipped {len(bad_rows)} unusable prompt rows, e.g. {bad_rows[0]}", file=sys.stderr)
+    print(f"[{name}] {path}: {len(records)} prompts", file=sys.stderr, flush=True)
+    contender = Contender(
+        name, model, [list(record.prompt_ids) for record in records],
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+    )
+    return LoadedModel(contender, tokenizer, records)
+
+
+def measure_quality(loaded: LoadedModel, runs: list[RunResult], config: EvaluateConfig) -> ModelEvaluation:
+    """Held-out loss on the reference answers and the task metric of every run's outputs."""
+    tokenizer, records, contender = loaded.tokenizer, loaded.records, loaded.contender
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True)
+
+    evaluation = ModelEvaluation(
+        contender.name, runs, token_text=lambda token: visible_token(tokenizer.decode([token]))
+    )
+    labels = [record.label_ids for record in records]
+    evaluation.heldout_loss = heldout_loss(contender.model, contender.prompts, labels, batch_size=max(config.batch_size, 8))
+    references = [record.answer for record in records]
+    score_task(evaluation, exact_answer_metric(toy_task_domain(config.prompts), decode, references))
+    return evaluation
+
+
+def print_progress(done: int, total: int) -> None:
+    if done == total or done % max(1, total // 10) == 0:
+        print(f"decoded {done}/{total} batches with every model and method", file=sys.stderr, flush=True)
+
+
+def main(argv: list[str] | None = None) -> list[ReportRow]:
+    config = parse_args(argv)
+    loaded = [load(name, path, config) for name, path in config.models.items()]
+    settings = DecodeSettings(
+        n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,
+        repeats=config.repeats,
+    )
+    print(f"timing AR vs Jacobi n={config.n_tokens}, models interleaved batch by batch", file=sys.stderr, flush=True)
+    runs = compare_decoding([model.contender for model in loaded], settings, on_batch=print_progress)
+    evaluations = [measure_quality(model, runs[model.contender.name], config) for model in loaded]
+    rows = write_report(evaluations, config.baseline, config.output, settings=asdict(config))
+    print(markdown_table(rows))
+    print(f"report: {Path(config.output) / REPORT_MD}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

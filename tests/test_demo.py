@@ -1,0 +1,116 @@
+"""The demo's stage runner: markers are written only after success, finished stages are reused,
+a changed or failed stage reruns everything after it, and --fresh starts over."""
+
+from __future__ import annotations
+
+import pytest
+
+from pipelines.demo import BUDGETS, Stage, build_stages, parse_args, run_stages
+
+
+def _stages(calls: list[str], settings: dict[str, dict] | None = None, failing: str | None = None,
+            outputs: dict[str, tuple] | None = None) -> list[Stage]:
+    def action(name: str):
+        def run() -> None:
+            calls.append(name)
+            if name == failing:
+                raise RuntimeError(f"{name} failed")
+        return run
+
+    settings, outputs = settings or {}, outputs or {}
+    return [Stage(name, f"the {name} stage", settings.get(name, {"n": 1}), action(name), outputs.get(name, ()))
+            for name in ("a", "b", "c")]
+
+
+def test_finished_stages_are_reused(tmp_path):
+    calls: list[str] = []
+    first = run_stages(_stages(calls), tmp_path)
+    assert calls == ["a", "b", "c"]
+    assert [reused for _, reused in first.values()] == [False, False, False]
+    second = run_stages(_stages(calls), tmp_path)
+    assert calls == ["a", "b", "c"]  # nothing ran again
+    assert [reused for _, reused in second.values()] == [True, True, True]
+    assert {name: seconds for name, (seconds, _) in second.items()} == {
+        name: seconds for name, (seconds, _) in first.items()
+    }
+
+
+def test_a_changed_stage_reruns_with_everything_after_it(tmp_path):
+    calls: list[str] = []
+    run_stages(_stages(calls), tmp_path)
+    calls.clear()
+    run_stages(_stages(calls, settings={"b": {"n": 2}}), tmp_path)
+    assert calls == ["b", "c"]
+
+
+def test_a_failed_stage_is_not_taken_as_finished(tmp_path):
+    calls: list[str] = []
+    kept = tmp_path / "b-output"
+    kept.mkdir()
+    with pytest.raises(RuntimeError):
+        run_stages(_stages(calls, failing="b", outputs={"b": (kept,)}), tmp_path)
+    assert calls == ["a", "b"]
+    calls.clear()
+    run_stages(_stages(calls, outputs={"b": (kept,)}), tmp_path)
+    assert calls == ["b", "c"]  # a is reused, the failed b and what follows run
+    assert kept.exists()  # same settings: b resumes from what it left
+
+
+def test_outputs_from_other_settings_are_deleted_before_a_rerun(tmp_path):
+    calls: list[str] = []
+    stale = tmp_path / "c-output"
+    run_stages(_stages(calls, outputs={"c": (stale,)}), tmp_path)
+    stale.mkdir()
+    (stale / "model").write_text("trained on a's old data")
+    calls.clear()
+    run_stages(_stages(calls, settings={"a": {"n": 2}}, outputs={"c": (stale,)}), tmp_path)
+    assert calls == ["a", "b", "c"]  # an upstream change reaches every later stage
+    assert not stale.exists()
+
+
+def test_budgets_and_stage_arguments(tmp_path, monkeypatch):
+    monkeypatch.setenv("BUDGET", "long")
+    config = parse_args(["--output", str(tmp_path / "demo")])
+    assert config.budget_name == "long" and config.budget == BUDGETS["long"]
+    assert parse_args(["--budget", "quick"]).budget == BUDGETS["quick"]
+    stages = {stage.name: stage for stage in build_stages(config)}
+    assert list(stages) == ["teacher", "collect", "train", "evaluate"]
+    evaluate = stages["evaluate"].settings["args"]
+    assert evaluate[evaluate.index("--models") + 2] == f"cllm={tmp_path / 'demo' / 'cllm' / 'hf'}"
+    collect = stages["collect"].settings["args"]
+    assert collect[collect.index("--limit") + 1] == str(BUDGETS["long"].train_prompts)
+    monkeypatch.setenv("BUDGET", "huge")
+    with pytest.raises(SystemExit):
+        parse_args([])
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
+    """The real loop (collect and train on a local Ray, DeepSpeed on 2 CPU workers, evaluate) at
+    the `tiny` budget, with a tiny random model in place of the toy teacher; then a rerun that
+    reuses every stage."""
+    import json
+    import subprocess
+    import sys
+
+    from cllm.models import tiny_model
+    from cllm.toy import ToyConfig, train_tokenizer
+    from pipelines.demo import REPO
+
+    tokenizer = train_tokenizer(ToyConfig(domain="math", vocab_size=300, tokenizer_corpus_docs=200))
+    model = tiny_model("llama", vocab_size=len(tokenizer), seed=0)
+    model.config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    command = [
+        sys.executable, str(REPO / "pipelines" / "demo.py"), "--budget", "tiny", "--model", str(tmp_path / "teacher"),
+        "--train-prompts", "toy-math:train", "--heldout-prompts", "toy-math:heldout", "--output", str(tmp_path / "demo"),
+    ]
+    first = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=1500)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]
+    report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert {row["model"] for row in report["rows"]} == {"teacher", "cllm"}
+    assert "| cllm | jacobi | 4 |" in first.stdout and "wall time per stage" in first.stdout
+    second = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("reusing the finished stage") == 4

@@ -1,0 +1,250 @@
+"""Evaluation on tiny random models: the report is well formed, its numbers are consistent, and
+the plots are real PNG files."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+
+from cllm.evaluation import (
+    REPORT_JSON,
+    REPORT_MD,
+    SPEEDUP_PNG,
+    TPF_HISTOGRAM_PNG,
+    TRAJECTORY_PNG,
+    Contender,
+    DecodeSettings,
+    ModelEvaluation,
+    agreement,
+    common_prefix_fraction,
+    compare_decoding,
+    converged_mask,
+    exact_answer_metric,
+    heldout_loss,
+    report_rows,
+    score_task,
+    toy_task_domain,
+    visible_token,
+    write_report,
+)
+from cllm.models import tiny_model
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPORT_FIELDS = {
+    "model", "decoding", "n_token", "tokens_per_forward", "tokens_per_second", "speedup",
+    "accuracy", "agreement_with_baseline", "heldout_loss", "fast_forwarded_per_block",
+    "stationary_per_block",
+}
+VOCAB = 64
+
+
+def _prompts(count: int, seed: int = 0) -> list[list[int]]:
+    rng = random.Random(seed)
+    return [[rng.randrange(1, VOCAB) for _ in range(rng.randint(3, 9))] for _ in range(count)]
+
+
+@pytest.fixture(scope="module")
+def evaluated(tmp_path_factory):
+    """Two tiny models (a 'teacher' baseline and another one) evaluated on the same prompts, and
+    the report written from them."""
+    prompts = _prompts(4)
+    answers = [[(token * 7) % VOCAB for token in prompt][:4] for prompt in prompts]
+    settings = DecodeSettings(n_tokens=[4, 8], max_new_tokens=12, batch_size=2, repeats=2)
+    contenders = [Contender(name, tiny_model("llama", vocab_size=VOCAB, seed=seed), prompts)
+                  for name, seed in (("teacher", 0), ("other", 1))]
+    runs = compare_decoding(contenders, settings)
+    evaluations = []
+    for contender in contenders:
+        evaluation = ModelEvaluation(contender.name, runs[contender.name], token_text=lambda t: f"t{t}")
+        evaluation.heldout_loss = heldout_loss(contender.model, prompts, answers)
+        # A made-up task metric: the share of outputs that start with an even token.
+        score_task(evaluation, lambda outputs: sum(o[0] % 2 == 0 for o in outputs) / len(outputs))
+        evaluations.append(evaluation)
+    output = tmp_path_factory.mktemp("report")
+    rows = write_report(evaluations, "teacher", output, settings={"limit": 4})
+    return evaluations, rows, output
+
+
+def test_report_json_is_well_formed(evaluated):
+    _, _, output = evaluated
+    report = json.loads((output / REPORT_JSON).read_text())
+    assert report["baseline"] == "teacher"
+    assert report["settings"] == {"limit": 4}
+    assert len(report["rows"]) == 2 * 3  # two models x (AR, Jacobi n=4, Jacobi n=8)
+    for row in report["rows"]:
+        assert REPORT_FIELDS <= set(row)
+        assert row["decoding"] in ("ar", "jacobi")
+    keys = [(r["model"], r["decoding"], r["n_token"]) for r in report["rows"]]
+    assert keys == [(m, d, n) for m in ("teacher", "other") for d, n in (("ar", 1), ("jacobi", 4), ("jacobi", 8))]
+    table = (output / REPORT_MD).read_text()
+    assert table.count("\n| teacher |") == 3 and table.count("\n| other |") == 3
+
+
+def test_numbers_are_consistent(evaluated):
+    evaluations, rows, _ = evaluated
+    reference = rows[0]
+    assert (reference.model, reference.decoding) == ("teacher", "ar")
+    assert reference.speedup == pytest.approx(1.0)
+    for row in rows:
+        assert row.tokens_per_forward == pytest.approx(row.new_tokens / row.forwards)
+        assert row.tokens_per_second == pytest.approx(row.new_tokens / row.seconds)
+        assert row.speedup == pytest.approx(row.tokens_per_second / reference.tokens_per_second)
+        assert row.new_tokens == 4 * 12  # no EOS: every prompt uses the whole budget
+        if row.decoding == "ar":
+            assert row.tokens_per_forward == 1.0
+            assert row.fast_forwarded_per_block == 0.0 and row.stationary_per_block == 0.0
+        else:
+            assert 1.0 <= row.tokens_per_forward <= row.n_token
+    for evaluation in evaluations:
+        ar = evaluation.run("ar", 1)
+        for run in evaluation.runs:
+            assert agreement(run.outputs, ar.outputs) == (1.0, 1.0)  # Jacobi is lossless
+        model_rows = [r for r in rows if r.model == evaluation.name]
+        assert len({r.heldout_loss for r in model_rows}) == 1
+        assert len({r.accuracy for r in model_rows}) == 1  # same outputs, same score
+    for row in rows:
+        if row.model == "teacher":
+            assert row.agreement_with_baseline == 1.0 and row.common_prefix_with_baseline == 1.0
+        else:  # a different random model almost surely says something else
+            assert row.agreement_with_baseline < 1.0
+
+
+def test_plots_are_png_files(evaluated):
+    _, _, output = evaluated
+    for name in (SPEEDUP_PNG, TPF_HISTOGRAM_PNG, TRAJECTORY_PNG):
+        data = (output / name).read_bytes()
+        assert data.startswith(PNG_MAGIC), name
+        assert len(data) > 1000, name
+
+
+def test_trajectory_example_ends_at_its_fixed_point(evaluated):
+    evaluations, _, _ = evaluated
+    run = evaluations[1].run("jacobi", 8)
+    states = run.example_trajectory
+    assert states is not None and all(len(state) == 8 for state in states)
+    mask = converged_mask(states)
+    assert all(mask[-1])
+    assert mask[0][0]  # the first token of a block is verified from the start
+
+
+def test_common_prefix_and_agreement():
+    assert common_prefix_fraction([1, 2, 3, 4], [1, 2, 9, 4]) == 0.5
+    assert common_prefix_fraction([1, 2], [1, 2, 3, 4]) == 0.5
+    assert common_prefix_fraction([], []) == 1.0
+    assert agreement([[1, 2], [3]], [[1, 2], [4]]) == (0.5, 0.5)
+    with pytest.raises(ValueError):
+        agreement([[1]], [])
+
+
+def test_heldout_loss_prefers_the_model_own_greedy_answers():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    prompts = _prompts(4, seed=3)
+    settings = DecodeSettings(n_tokens=[4], max_new_tokens=6, batch_size=4)
+    greedy = compare_decoding([Contender("m", model, prompts)], settings)["m"][0].outputs
+    shuffled = [list(reversed(answer)) for answer in greedy]
+    assert heldout_loss(model, prompts, greedy) < heldout_loss(model, prompts, shuffled)
+    assert heldout_loss(model, prompts, [None] * 4) is None
+
+
+def test_unknown_baseline_is_rejected(evaluated):
+    evaluations, _, _ = evaluated
+    with pytest.raises(ValueError, match="baseline"):
+        report_rows(evaluations, "nobody")
+
+
+def test_exact_answer_metric_scores_math_answers():
+    vocabulary = ["The answer is 7.", "The answer is 8.", "no idea"]
+
+    def decode(ids: list[int]) -> str:
+        return " ".join(vocabulary[i] for i in ids)
+
+    references = ["3 + 4 = 7. The answer is 7.", "The answer is 8."]
+    metric = exact_answer_metric("math", decode, references)
+    assert metric([[0], [2]]) == 0.5
+    assert metric([[0], [1]]) == 1.0
+    assert exact_answer_metric("code", decode, references)([[0], [1]]) is None  # no task metric
+    assert exact_answer_metric(None, decode, references) is None
+    assert exact_answer_metric("math", decode, [references[0], None]) is None  # a reference is missing
+
+
+def test_toy_task_domain():
+    assert toy_task_domain("toy:heldout") == "math"
+    assert toy_task_domain("toy-code:heldout") == "code"
+    assert toy_task_domain("toy-math") == "math"
+    assert toy_task_domain("data/gsm8k.jsonl") is None
+
+
+@pytest.fixture(scope="module")
+def saved_models(tmp_path_factory):
+    """Two tiny random Llamas saved with a small toy-math tokenizer, as `load_model` reads them."""
+    from cllm.toy import ToyConfig, train_tokenizer
+
+    tokenizer = train_tokenizer(ToyConfig(domain="math", vocab_size=300, tokenizer_corpus_docs=300))
+    paths = {}
+    for name, seed in (("base", 0), ("tuned", 1)):
+        directory = tmp_path_factory.mktemp(name)
+        model = tiny_model("llama", vocab_size=len(tokenizer), seed=seed)
+        model.config.eos_token_id = tokenizer.eos_token_id
+        model.save_pretrained(directory)
+        tokenizer.save_pretrained(directory)
+        paths[name] = str(directory)
+    return paths
+
+
+def test_pipeline_writes_the_report(saved_models, tmp_path, capsys):
+    from pipelines.evaluate import main
+
+    output = tmp_path / "report"
+    rows = main([
+        "--models", f"base={saved_models['base']}", f"tuned={saved_models['tuned']}",
+        "--prompts", "toy-math:heldout", "--limit", "3", "--n-token", "4", "8",
+        "--max-new-tokens", "8", "--batch-size", "2", "--output", str(output),
+    ])
+    report = json.loads((output / REPORT_JSON).read_text())
+    assert [(r["model"], r["decoding"], r["n_token"]) for r in report["rows"]] == [
+        (m, d, n) for m in ("base", "tuned") for d, n in (("ar", 1), ("jacobi", 4), ("jacobi", 8))
+    ]
+    assert report["baseline"] == "base" and report["settings"]["limit"] == 3
+    for row in report["rows"]:
+        assert 0.0 <= row["accuracy"] <= 1.0  # toy math has an exact-answer metric
+        assert row["heldout_loss"] > 0.0
+    assert [r.model for r in rows] == [r["model"] for r in report["rows"]]
+    for name in (SPEEDUP_PNG, TPF_HISTOGRAM_PNG, TRAJECTORY_PNG):
+        assert (output / name).read_bytes().startswith(PNG_MAGIC)
+    printed = capsys.readouterr().out
+    assert "| tuned | jacobi | 8 |" in printed and str(output / REPORT_MD) in printed
+
+
+def test_pipeline_rejects_an_unknown_baseline(saved_models, tmp_path):
+    from pipelines.evaluate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(["--models", f"base={saved_models['base']}", "--baseline", "other"])
+    config = parse_args(["--models", f"a={saved_models['base']}", f"b={saved_models['tuned']}", "--baseline", "b"])
+    assert config.baseline == "b" and list(config.models) == ["a", "b"]
+
+
+def test_visible_token():
+    assert visible_token(" x\n") == "·x⏎"
+    assert visible_token("\x1e") == "\\x1e"
+    assert visible_token("abcdefghij") == "abcde…"
+
+
+def test_contenders_need_the_same_prompts_count():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    settings = DecodeSettings(n_tokens=[4], max_new_tokens=4)
+    with pytest.raises(ValueError, match="same"):
+        compare_decoding([Contender("a", model, _prompts(2)), Contender("b", model, _prompts(3))], settings)
+    with pytest.raises(ValueError):
+        compare_decoding([Contender("a", model, [])], settings)
+
+
+def test_progress_is_reported_per_batch():
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    calls = []
+    runs = compare_decoding([Contender("a", model, _prompts(5))], DecodeSettings(n_tokens=[4], max_new_tokens=4, batch_size=2),
+                            on_batch=lambda done, total: calls.append((done, total)))
+    assert calls == [(1, 3), (2, 3), (3, 3)]
+    assert [len(run.outputs) for run in runs["a"]] == [5, 5]
