@@ -8,6 +8,8 @@ knows what the installed transformers calls the cache argument.
 from __future__ import annotations
 
 import inspect
+import os
+import tempfile
 from functools import lru_cache
 from typing import Any
 
@@ -63,14 +65,36 @@ def new_cache(model: torch.nn.Module) -> DynamicCache:
         return DynamicCache()
 
 
+def local_model_dir(name_or_path: str, weights: bool = True) -> str:
+    """`name_or_path` itself for a hub id, local directory or toy name; for a model directory at a
+    remote URI (`s3://...`, any fsspec URI) a fresh local copy, without weight files unless
+    `weights`. For S3-compatible stores set AWS_ENDPOINT_URL_S3, which s3fs honours."""
+    if "://" not in name_or_path:
+        return name_or_path
+    import fsspec
+
+    filesystem, path = fsspec.core.url_to_fs(name_or_path)
+    path = path.rstrip("/")
+    if not filesystem.exists(f"{path}/config.json"):
+        raise FileNotFoundError(f"no model at {name_or_path} (no config.json)")
+    local = tempfile.mkdtemp(prefix="cllm-model-")
+    for remote in filesystem.find(path):
+        name = remote[len(path) + 1 :]
+        if weights or not name.endswith((".safetensors", ".bin", ".pt")):
+            target = os.path.join(local, name)
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            filesystem.get_file(remote, target)
+    return local
+
+
 def load_model(
     name_or_path: str,
     device: torch.device | str | None = None,
     dtype: torch.dtype | None = None,
     trust_remote_code: bool = False,
 ):
-    """Load (model, tokenizer) from a hub id, a local directory, or a toy name (`toy`, `toy-math`,
-    `toy-code`). bf16 on CUDA and fp32 on CPU unless `dtype` says otherwise; SDPA attention."""
+    """Load (model, tokenizer) from a hub id, a local directory, a model directory at an `s3://`
+    URI, or a toy name (`toy`, `toy-math`, `toy-code`). bf16 on CUDA and fp32 on CPU unless `dtype` says otherwise; SDPA attention."""
     device = torch.device(device) if device is not None else default_device()
     dtype = dtype or default_dtype(device)
     if name_or_path in TOY_NAMES:
@@ -78,6 +102,7 @@ def load_model(
 
         model, tokenizer = load_toy(_toy_domain(name_or_path))
         return model.to(device=device, dtype=dtype).eval(), tokenizer
+    name_or_path = local_model_dir(name_or_path)
     tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
         tokenizer.pad_token = tokenizer.eos_token

@@ -86,6 +86,9 @@ def ray_cluster(s3_server):
     sessions on one machine take turns with the cluster."""
     from filelock import FileLock
 
+    # Ray turns on token auth once ~/.ray/auth_token exists (any local ray.init writes it), and a
+    # second `ray start --address` does not pick the token up; drivers and jobs inherit this too.
+    os.environ["RAY_AUTH_MODE"] = "disabled"
     # The venv's bin first, so a job's `python` is the project's interpreter, as in an activated venv.
     env = {
         **os.environ,
