@@ -1,6 +1,13 @@
 """CLLM: Jacobi decoding and consistency training for Hugging Face causal LMs (no Ray here)."""
 
-from cllm.jacobi import GenerationStats, JacobiOutput, RowStats, ar_generate, jacobi_generate
+from cllm.jacobi import (
+    GenerationStats,
+    JacobiOutput,
+    RowStats,
+    ar_generate,
+    jacobi_generate,
+    pad_prompts,
+)
 from cllm.models import load_model, tiny_model
 
 __all__ = [
@@ -10,5 +17,6 @@ __all__ = [
     "ar_generate",
     "jacobi_generate",
     "load_model",
+    "pad_prompts",
     "tiny_model",
 ]

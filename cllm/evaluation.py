@@ -23,6 +23,7 @@ from cllm.jacobi import (
     RowStats,
     ar_generate,
     jacobi_generate,
+    pad_prompts,
 )
 from cllm.prompts import is_toy_source
 from cllm.toy import DEFAULT_DOMAIN, DOMAINS, check_answer, repetition_rate
@@ -124,16 +125,8 @@ class ReportRow:
 # -- batching and decoding -------------------------------------------------------------------
 
 
-def left_padded_batch(prompts: Sequence[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) for prompts of different lengths, padded on the left."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return input_ids, attention_mask
-
-
 def _decode(contender: Contender, prompts: Sequence[list[int]], run: RunResult, settings: DecodeSettings) -> JacobiOutput:
-    input_ids, attention_mask = left_padded_batch(prompts, contender.pad_token_id)
+    input_ids, attention_mask = pad_prompts(prompts, contender.pad_token_id)
     common = {
         "max_new_tokens": settings.max_new_tokens,
         "eos_token_id": contender.eos_token_id,

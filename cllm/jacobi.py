@@ -18,7 +18,7 @@ attention mask, so cache entries dropped for one row but kept for another are si
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal
+from typing import Callable, Iterable, Literal, Sequence
 
 import torch
 
@@ -353,6 +353,14 @@ class _JacobiDecoder:
             stats=GenerationStats(rows=[row.stats for row in rows], batch_forwards=self.batch_forwards),
             trajectories=[row.trajectories for row in rows] if self.return_trajectories else None,
         )
+
+
+def pad_prompts(prompts: Sequence[Sequence[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input_ids, attention_mask) for token-id prompts of different lengths, padded on the left."""
+    width = max(len(prompt) for prompt in prompts)
+    input_ids = torch.tensor([[pad_token_id] * (width - len(p)) + list(p) for p in prompts])
+    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    return input_ids, attention_mask
 
 
 def jacobi_generate(

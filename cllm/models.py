@@ -87,6 +87,20 @@ def local_model_dir(name_or_path: str, weights: bool = True) -> str:
     return local
 
 
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer of a model (hub id, local or `s3://` directory, or toy name) without its
+    weights, with the pad token set to EOS when the model has none. A toy name builds the toy
+    teacher on first use, so drivers do that once before starting workers."""
+    if name_or_path in TOY_NAMES:
+        return load_model(name_or_path, device="cpu")[1]
+    tokenizer = AutoTokenizer.from_pretrained(
+        local_model_dir(name_or_path, weights=False), trust_remote_code=trust_remote_code
+    )
+    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
 def load_model(
     name_or_path: str,
     device: torch.device | str | None = None,
@@ -103,9 +117,7 @@ def load_model(
         model, tokenizer = load_toy(_toy_domain(name_or_path))
         return model.to(device=device, dtype=dtype).eval(), tokenizer
     name_or_path = local_model_dir(name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer = load_tokenizer(name_or_path, trust_remote_code=trust_remote_code)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             name_or_path, dtype=dtype, attn_implementation="sdpa", trust_remote_code=trust_remote_code

@@ -333,19 +333,3 @@ def _file_examples(
 def _is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
     protocols = (filesystem.protocol,) if isinstance(filesystem.protocol, str) else filesystem.protocol
     return "file" in protocols
-
-
-def load_tokenizer(name_or_path: str):
-    """The tokenizer of a model (hub id, local directory or toy name) without its weights, with
-    the pad token set as `cllm.models.load_model` sets it. A toy name builds the small toy
-    teacher on first use, so drivers do that once before starting workers."""
-    from cllm.models import TOY_NAMES, load_model
-
-    if name_or_path in TOY_NAMES:
-        return load_model(name_or_path, device="cpu")[1]
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    if tokenizer.pad_token_id is None and tokenizer.eos_token_id is not None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer

@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from cllm.jacobi import jacobi_generate
+from cllm.jacobi import jacobi_generate, pad_prompts
 
 
 @dataclass(frozen=True)
@@ -129,9 +129,7 @@ def collect_trajectories(
         return BatchResult(rows=[])
     eos_ids = _eos_ids(tokenizer)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-    width = max(len(p["prompt_ids"]) for p in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p["prompt_ids"])) + list(p["prompt_ids"]) for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p["prompt_ids"])) + [1] * len(p["prompt_ids"]) for p in prompts])
+    input_ids, attention_mask = pad_prompts([p["prompt_ids"] for p in prompts], pad_id)
     seed = batch_seed(config.seed, [p["prompt_id"] for p in prompts])
     output = jacobi_generate(
         model,

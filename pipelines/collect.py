@@ -42,8 +42,10 @@ from cllm.data import (
     storage_options,
 )
 from cllm.models import load_model
-from cllm.prompts import FORMATS, BadRow, PromptRecord, load_prompts, load_tokenizer
+from cllm.models import load_tokenizer
+from cllm.prompts import FORMATS, BadRow, PromptRecord, load_prompts
 from cllm.trajectory import CollectConfig, collect_trajectories
+from pipelines.common import init_ray
 
 REJECTED = "rejected_reason"  # extra column on generator output; dropped before writing
 
@@ -211,7 +213,7 @@ def main(argv: list[str] | None = None) -> int:
     written = TRAJECTORY_SCHEMA.empty_table()
     if todo:
         staging = new_staging_dir(args.output)
-        ray.init()
+        init_ray(min_logical_cpus=args.workers + 2)  # room for the writes beside the actors
         rejected = collect(todo, args, config, staging, options)
         written = commit_staged(staging, args.output, options, existing)
     Summary(

@@ -39,6 +39,7 @@ from cllm.collate import batch_tokens, collate
 from cllm.data import list_shards, read_trajectories, resolve, storage_options
 from cllm.losses import AR_TARGETS, DISTANCES, LOSS_KINDS, LossConfig, compute_losses
 from cllm.models import TOY_NAMES, load_model
+from pipelines.common import init_ray
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DEEPSPEED = os.path.join(REPO_ROOT, "cluster", "deepspeed", "zero2.json")
@@ -395,8 +396,7 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
-    if not ray.is_initialized():  # a caller (demo, benchmark) may have started Ray already
-        ray.init()
+    init_ray(min_logical_cpus=args.workers + 2)  # room for Ray Data's tasks beside the workers
     use_gpu = args.use_gpu == "yes" or (args.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
     data_filesystem, _ = ray_filesystem(args.trajectories, options)
     dataset = ray.data.read_parquet(shards, filesystem=data_filesystem).select_columns(TRAINING_COLUMNS)

@@ -21,7 +21,7 @@ import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
-from cllm import ar_generate, jacobi_generate, load_model
+from cllm import ar_generate, jacobi_generate, load_model, pad_prompts
 from serve.batching import (
     Accepted,
     DynamicBatcher,
@@ -109,14 +109,6 @@ def eos_token_ids(model, tokenizer) -> frozenset[int]:
         elif value is not None:
             ids.update(int(token) for token in value)
     return frozenset(ids)
-
-
-def left_pad(prompts: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input_ids, attention_mask) of a batch of prompts padded on the left."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.tensor([[pad_id] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    return input_ids, mask
 
 
 @serve.deployment(name="Decoder")
@@ -247,7 +239,7 @@ class Decoder:
 
     def _decode_batch(self, batch: list[PendingRequest]) -> list[int]:
         """Runs on the batcher's worker thread: one decoding call for the whole batch."""
-        input_ids, attention_mask = left_pad([request.prompt_ids for request in batch], self._pad_id)
+        input_ids, attention_mask = pad_prompts([request.prompt_ids for request in batch], self._pad_id)
 
         def on_tokens(row: int, new_ids: list[int]) -> bool:
             return batch[row].stream.on_tokens(new_ids)
