@@ -583,27 +583,15 @@ def train_teacher(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
     return report
 
 
-@torch.inference_mode()
 def heldout_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast,
                  examples: Sequence[ToyPrompt], max_length: int, batch_size: int = 16) -> float:
     """Mean cross-entropy per answer token (EOS included) of `examples`, prompts given."""
-    total, count = 0.0, 0
-    device = next(model.parameters()).device
+    from cllm.evaluation import heldout_loss as answer_loss  # cllm.evaluation imports this module
+
     encoded = [_encode(tokenizer, example, max_length) for example in examples]
-    for start in range(0, len(encoded), batch_size):
-        input_ids, mask, labels = _collate(
-            encoded[start : start + batch_size], tokenizer.pad_token_id, loss_on_prompt=False
-        )
-        logits = model(
-            input_ids=input_ids.to(device), attention_mask=mask.to(device), use_cache=False
-        ).logits.float()
-        targets = labels[:, 1:].to(device)
-        losses = torch.nn.functional.cross_entropy(
-            logits[:, :-1].transpose(1, 2), targets, ignore_index=-100, reduction="sum"
-        )
-        total += losses.item()
-        count += int((targets != -100).sum())
-    return total / max(count, 1)
+    prompts = [item.ids[: item.prompt_length] for item in encoded]
+    answers = [item.ids[item.prompt_length :] for item in encoded]
+    return answer_loss(model, prompts, answers, batch_size=batch_size) or 0.0
 
 
 # ---------------------------------------------------------------------------------------------
