@@ -9,6 +9,11 @@ Two layouts, both right-padded, consumed by `cllm.losses`:
   next state, fixed point), for plain causal forwards;
 - `PackedBatch`: prefix + every state of the block in one sequence, with the 4D mask and position
   ids that make each state see only the prefix and itself.
+
+AR labels cover only generated text (earlier blocks and the fixed point, or the reference answer),
+never the prompt. Chat models and the toy teachers are trained with the prompt masked, so they
+predict it poorly: on the toy math teacher prompt tokens cost about 13 nats each, and at w = 10
+they swamped the loss and cost the CLLM 14 points of accuracy.
 """
 
 from __future__ import annotations
@@ -129,9 +134,15 @@ def _check_rows(rows: Sequence[Row], labels: bool) -> int:
 # -- plain sequences -----------------------------------------------------------------------
 
 
-def pad_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int, trained_lengths: Sequence[int] | None = None) -> SequenceBatch:
-    """Right-pad `sequences`. Next-token labels cover each sequence's first `trained_lengths`
-    tokens (all of it by default): logit t predicts token t + 1."""
+def pad_sequences(
+    sequences: Sequence[Sequence[int]],
+    pad_token_id: int,
+    trained_lengths: Sequence[int] | None = None,
+    prompt_lengths: Sequence[int] | None = None,
+) -> SequenceBatch:
+    """Right-pad `sequences`. Next-token labels cover each sequence's tokens after its first
+    `prompt_lengths` (none by default) and up to its first `trained_lengths` (all by default):
+    logit t predicts token t + 1."""
     width = max(len(sequence) for sequence in sequences)
     batch = len(sequences)
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
@@ -142,13 +153,20 @@ def pad_sequences(sequences: Sequence[Sequence[int]], pad_token_id: int, trained
         input_ids[b, :length] = torch.tensor(list(sequence), dtype=torch.long)
         attention_mask[b, :length] = 1
         trained = length if trained_lengths is None else trained_lengths[b]
-        labels[b, : trained - 1] = input_ids[b, 1:trained]
+        untrained = 0 if prompt_lengths is None else prompt_lengths[b]
+        start = max(untrained - 1, 0)
+        labels[b, start : trained - 1] = input_ids[b, start + 1 : trained]
     position_ids = torch.arange(width).expand(batch, width).clone()
     return SequenceBatch(input_ids, attention_mask, position_ids, labels)
 
 
 def _label_sequences(rows: Sequence[Row], pad_token_id: int) -> SequenceBatch:
-    return pad_sequences([prompt_ids(row) + list(row["label_ids"]) for row in rows], pad_token_id)
+    prompts = [prompt_ids(row) for row in rows]
+    return pad_sequences(
+        [prompt + list(row["label_ids"]) for prompt, row in zip(prompts, rows)],
+        pad_token_id,
+        prompt_lengths=[len(prompt) for prompt in prompts],
+    )
 
 
 # -- one state per row -----------------------------------------------------------------------
@@ -190,6 +208,7 @@ def collate_states(
             [p + f for p, f in zip(prefixes, fixed_points)],
             pad_token_id,
             trained_lengths=[length + valid for length, valid in zip(prefix_lengths, fixed_lengths)],
+            prompt_lengths=[len(prompt_ids(row)) for row in rows],
         ),
         student_state=torch.tensor(students, dtype=torch.long).view(len(rows), n_token),
         fixed_point=torch.tensor(fixed_points, dtype=torch.long).view(len(rows), n_token),
@@ -235,9 +254,10 @@ def collate_packed(rows: Sequence[Row], pad_token_id: int, labels: bool = False)
             segments[b, start : start + n_token] = j
             # token 0 of a state is predicted by the prefix's last logit, token i by the state's i - 1
             prediction_index[b, j] = torch.where(block_positions == 0, prefix_length - 1, start + block_positions - 1)
-        # AR on prefix + fixed point: the prefix predicts its own next tokens, then the fixed point's
+        # AR on what the teacher generated: the earlier blocks in the prefix, then the fixed point
         valid = _fixed_length(row)
-        ar_labels[b, : prefix_length - 1] = prefix[1:]
+        prompt_length = len(prompt_ids(row))
+        ar_labels[b, prompt_length - 1 : prefix_length - 1] = prefix[prompt_length:]
         fixed_point_index = prediction_index[b, count - 1, :valid]
         ar_labels[b, fixed_point_index] = row_states[-1, :valid]
 

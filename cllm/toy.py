@@ -19,7 +19,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
-import math
 import os
 import random
 import re
@@ -39,6 +38,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from cllm.models import default_device
+from cllm.schedule import warmup_cosine
 
 TOY_VERSION = "1"
 """Bump when a corpus, tokenizer or training change makes cached teachers stale."""
@@ -508,10 +508,7 @@ def _batches(documents: Iterator[_Encoded], batch_size: int, pad_id: int,
 
 def _learning_rate(config: ToyConfig, progress: float) -> float:
     """Linear warmup, then cosine decay to a tenth of the peak."""
-    if progress < config.warmup_fraction:
-        return config.learning_rate * progress / config.warmup_fraction
-    decay = (progress - config.warmup_fraction) / (1 - config.warmup_fraction)
-    return config.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(decay, 1.0))))
+    return config.learning_rate * warmup_cosine(progress, config.warmup_fraction, floor=0.1)
 
 
 def _format_seconds(seconds: float) -> str:

@@ -45,7 +45,8 @@ class Budget:
     train_prompts: int  # toy training prompts to collect trajectories on
     n_token: int  # Jacobi block size, for collection and the CLLM
     collect_max_new_tokens: int
-    train_max_steps: int
+    train_epochs: int  # passes over the trajectories
+    train_max_steps: int | None  # or fewer steps
     train_lr: float
     eval_prompts: int
     eval_n_tokens: tuple[int, ...]
@@ -55,15 +56,18 @@ class Budget:
 BUDGETS = {
     # A minute-long check that the loop runs end to end (tests use it); no effect to see.
     "tiny": Budget(
-        train_prompts=8, n_token=4, collect_max_new_tokens=8, train_max_steps=2, train_lr=5e-4,
+        train_prompts=8, n_token=4, collect_max_new_tokens=8, train_epochs=1, train_max_steps=2, train_lr=5e-4,
         eval_prompts=3, eval_n_tokens=(4,), eval_max_new_tokens=8,
     ),
+    # Several passes with a cosine decay: one pass, or a constant rate, kept less accuracy.
     "quick": Budget(
-        train_prompts=1000, n_token=16, collect_max_new_tokens=96, train_max_steps=300, train_lr=5e-4,
-        eval_prompts=48, eval_n_tokens=(8, 16), eval_max_new_tokens=96,
+        train_prompts=1000, n_token=16, collect_max_new_tokens=96, train_epochs=3, train_max_steps=None,
+        train_lr=3e-4,
+        eval_prompts=100, eval_n_tokens=(8, 16), eval_max_new_tokens=96,
     ),
     "long": Budget(
-        train_prompts=5000, n_token=16, collect_max_new_tokens=96, train_max_steps=3000, train_lr=5e-4,
+        train_prompts=3000, n_token=16, collect_max_new_tokens=96, train_epochs=3, train_max_steps=None,
+        train_lr=3e-4,
         eval_prompts=200, eval_n_tokens=(8, 16), eval_max_new_tokens=96,
     ),
 }
@@ -141,7 +145,8 @@ def build_stages(config: DemoConfig) -> list[Stage]:
     ]
     train_args = [
         "--model", config.model, "--trajectories", str(trajectories), "--output", str(cllm),
-        "--workers", str(config.workers), "--max-steps", str(budget.train_max_steps), "--lr", str(budget.train_lr),
+        "--workers", str(config.workers), "--epochs", str(budget.train_epochs), "--lr", str(budget.train_lr),
+        *(["--max-steps", str(budget.train_max_steps)] if budget.train_max_steps else []),
         "--seed", str(config.seed),
     ]
     evaluate_args = [

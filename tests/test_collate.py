@@ -74,9 +74,12 @@ def test_state_batch_mixed_prefix_lengths():
     assert batch.fixed_length.tolist() == [3, 2]
     # fixed-point labels stop at the valid part: row 1 trains up to token 31, not the pad after it
     labels = batch.fixed_point_sequences.labels
-    assert labels[0].tolist() == [6, 7, 8, 9, 4, 3, IGNORE, IGNORE, IGNORE]
-    assert labels[1].tolist() == [21, 22, 23, 24, 25, 30, 31, IGNORE, IGNORE]
+    # and skip the prompt: only generated ids (earlier blocks, then the fixed point) are trained
+    labels = batch.fixed_point_sequences.labels
+    assert labels[0].tolist() == [IGNORE, IGNORE, IGNORE, 9, 4, 3, IGNORE, IGNORE, IGNORE]
+    assert labels[1].tolist() == [IGNORE, IGNORE, 23, 24, 25, 30, 31, IGNORE, IGNORE]
     assert batch.label_sequences.input_ids[1, :4].tolist() == [20, 21, 22, 13]
+    assert batch.label_sequences.labels[1, :4].tolist() == [IGNORE, IGNORE, 13, IGNORE]
 
 
 def test_state_sampling_never_picks_the_fixed_point():
@@ -121,9 +124,10 @@ def test_packed_layout_mask_and_positions():
     # token 0 of each state is predicted by the last prefix logit, token i by the state's own i - 1
     assert batch.prediction_index[0].tolist() == [[3, 4, 5], [3, 7, 8], [3, 10, 11]]
     assert batch.prediction_index[1, :2].tolist() == [[5, 6, 7], [5, 9, 10]]
-    # AR labels: the prefix's next tokens, then the valid fixed point at its prediction indices
-    assert batch.ar_labels[0].tolist() == [6, 7, 8, 9, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, IGNORE, 4, 3, IGNORE]
-    assert batch.ar_labels[1].tolist() == [21, 22, 23, 24, 25, 30, IGNORE, IGNORE, IGNORE, 31, IGNORE, IGNORE, IGNORE]
+    # AR labels: the prefix's generated ids (not the prompt), then the valid fixed point at its
+    # prediction indices
+    assert batch.ar_labels[0].tolist() == [IGNORE, IGNORE, IGNORE, 9] + [IGNORE] * 6 + [4, 3, IGNORE]
+    assert batch.ar_labels[1].tolist() == [IGNORE, IGNORE, 23, 24, 25, 30, IGNORE, IGNORE, IGNORE, 31, IGNORE, IGNORE, IGNORE]
     assert batch_tokens(batch) == 13 + 12 + int(batch.label_sequences.attention_mask.sum())
 
 

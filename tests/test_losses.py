@@ -161,7 +161,9 @@ def test_labels_target_and_total(model_and_rows):
     batch = collate_packed(rows, PAD, labels=True)
     fixed = compute_losses(model, batch, LossConfig(ar_weight=10.0))
     labels = compute_losses(model, batch, LossConfig(ar_target="labels", ar_weight=2.0))
-    assert int(labels.ar.tokens) == sum(len(row["prefix_ids"]) - row["block_index"] * 5 + len(row["label_ids"]) - 1 for row in rows)
+    # AR trains generated ids only, never the prompt: earlier blocks + the fixed point, or the answer
+    assert int(fixed.ar.tokens) == sum(row["block_index"] * 5 + row["fixed_length"] for row in rows)
+    assert int(labels.ar.tokens) == sum(len(row["label_ids"]) for row in rows)
     torch.testing.assert_close(fixed.loss, fixed.consistency.mean() + 10.0 * fixed.ar.mean())
     torch.testing.assert_close(labels.loss, labels.consistency.mean() + 2.0 * labels.ar.mean())
     with pytest.raises(ValueError, match="labels=True"):

@@ -99,6 +99,8 @@ def test_input_checks_stop_before_any_worker(tiny_run_inputs, tmp_path, capsys):
     message = run_checks(capsys, *base, "--trajectories", str(shards), "--deepspeed", str(tmp_path / "none.json"))
     assert "cannot read DeepSpeed config" in message
 
+    assert "--warmup-fraction" in run_checks(capsys, *base, "--trajectories", str(shards), "--warmup-fraction", "1")
+
 
 def test_shipped_deepspeed_configs_are_zero_2_and_3():
     assert train.read_deepspeed_config(str(REPO_ROOT / "cluster/deepspeed/zero2.json"))["zero_optimization"]["stage"] == 2
@@ -106,12 +108,47 @@ def test_shipped_deepspeed_configs_are_zero_2_and_3():
     settings = train.engine_config(
         train.TrainSettings(
             model="m", output="o", s3_endpoint=None, deepspeed_config={"zero_optimization": {"stage": 2}},
-            loss=LossConfig(), packed=True, epochs=1, max_steps=None, lr=1e-3, batch_size=3, grad_accum=2,
-            seed=0, checkpoint_every=1, pad_token_id=0, fault_marker=None,
+            loss=LossConfig(), packed=True, epochs=1, max_steps=None, lr=1e-3, lr_schedule="cosine",
+            warmup_fraction=0.0, total_steps=10, batch_size=3, grad_accum=2, seed=0, checkpoint_every=1,
+            pad_token_id=0, fault_marker=None,
         ),
         world_size=2, use_gpu=False,
     )
     assert settings["train_batch_size"] == 12 and settings["bf16"] == {"enabled": False}
+
+
+def schedule_rates(schedule: str, total_steps: int, warmup_fraction: float) -> list[float]:
+    """The learning rate of every optimizer step under pipelines/train.py's scheduler."""
+    settings = train.TrainSettings(
+        model="m", output="o", s3_endpoint=None, deepspeed_config={}, loss=LossConfig(), packed=True, epochs=1,
+        max_steps=None, lr=1e-3, lr_schedule=schedule, warmup_fraction=warmup_fraction, total_steps=total_steps,
+        batch_size=1, grad_accum=1, seed=0, checkpoint_every=1, pad_token_id=0, fault_marker=None,
+    )
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
+    scheduler = train.lr_scheduler(optimizer, settings)
+    rates = []
+    for _ in range(total_steps):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    return rates
+
+
+def test_cosine_schedule_warms_up_then_decays_towards_zero():
+    rates = schedule_rates("cosine", total_steps=100, warmup_fraction=0.1)
+    peak = rates.index(max(rates))
+    assert 8 <= peak <= 10 and max(rates) == pytest.approx(1e-3, rel=0.02)
+    assert all(a < b for a, b in zip(rates[:peak], rates[1 : peak + 1]))  # warming up
+    assert all(a > b for a, b in zip(rates[peak:], rates[peak + 1 :]))  # then decaying
+    assert 0 < rates[-1] < 1e-5
+    assert schedule_rates("constant", total_steps=5, warmup_fraction=0.1) == [1e-3] * 5
+
+
+def test_schedule_spans_the_steps_the_run_will_take():
+    args = train.parse_args(["--workers", "2", "--batch-size", "4", "--grad-accum", "2", "--epochs", "3"])
+    assert train.total_steps(100, args) == 3 * (100 // 16)
+    args = train.parse_args(["--workers", "2", "--batch-size", "4", "--epochs", "3", "--max-steps", "5"])
+    assert train.total_steps(100, args) == 5
 
 
 # -- distributed runs on the local 2-node cluster (slow) -------------------------------------------
