@@ -265,19 +265,22 @@ def load_prompts(
         examples = _file_examples(spec, format, storage_options or {}, use_chat_template, tokenizer)
     records: list[PromptRecord] = []
     bad_rows: list[BadRow] = []
+    first_rows: dict[str, int] = {}  # prompt id -> row that used it first
     for item in examples:
+        if not isinstance(item, BadRow):
+            if max_prompt_tokens is not None and len(item.prompt_ids) > max_prompt_tokens:
+                item = BadRow(item.source, item.row,
+                              f"prompt has {len(item.prompt_ids)} tokens, over the maximum {max_prompt_tokens}")
+            elif item.prompt_id in first_rows:
+                # A trajectory is keyed by prompt id: a second copy could only collide with the first.
+                item = BadRow(item.source, item.row, f"duplicate of row {first_rows[item.prompt_id]} "
+                                                     f"(same prompt id {item.prompt_id})")
         if isinstance(item, BadRow):
             if strict:
                 raise BadRowError(str(item))
             bad_rows.append(item)
             continue
-        if max_prompt_tokens is not None and len(item.prompt_ids) > max_prompt_tokens:
-            bad = BadRow(item.source, item.row,
-                         f"prompt has {len(item.prompt_ids)} tokens, over the maximum {max_prompt_tokens}")
-            if strict:
-                raise BadRowError(str(bad))
-            bad_rows.append(bad)
-            continue
+        first_rows[item.prompt_id] = item.row
         records.append(item)
         if limit is not None and len(records) >= limit:
             break

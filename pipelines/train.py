@@ -204,6 +204,13 @@ def engine_config(settings: TrainSettings, world_size: int, use_gpu: bool) -> di
     return config
 
 
+def worker_print(message: str) -> None:
+    """Progress from a training worker, shown once on the driver. Ray Train routes print() both
+    to its logger and to stdout, which showed every line twice."""
+    sys.stdout.write(message + "\n")
+    sys.stdout.flush()
+
+
 def lr_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule as a multiplier of --lr per optimizer step. The cosine decay matters: at a
     constant rate the CLLM lost accuracy that the same run with a decay kept."""
@@ -248,7 +255,7 @@ def train_loop(config: dict[str, Any]) -> None:
             _, client_state = engine.load_checkpoint(directory)
         progress, resumed = Progress(**client_state["progress"]), True
         if rank == 0:
-            print(f"resuming from the checkpoint at step {progress.step}", flush=True)
+            worker_print(f"resuming from the checkpoint at step {progress.step}")
 
     shard = ray.train.get_dataset_shard("train")
     meter = StepMeter(device, settings.loss.ar_weight)
@@ -278,7 +285,7 @@ def train_loop(config: dict[str, Any]) -> None:
                 continue  # still accumulating gradients
             metrics = meter.step_metrics(progress, optimizer.param_groups[0]["lr"])
             if rank == 0:
-                print(format_metrics(metrics, settings.max_steps), flush=True)
+                worker_print(format_metrics(metrics, settings.total_steps))
             done = settings.max_steps is not None and progress.step >= settings.max_steps
             if progress.step % settings.checkpoint_every == 0 or done:
                 save_checkpoint(engine, progress, metrics)
@@ -337,10 +344,9 @@ class StepMeter:
         }
 
 
-def format_metrics(metrics: dict[str, float], max_steps: int | None) -> str:
-    total = f"/{max_steps}" if max_steps else ""
+def format_metrics(metrics: dict[str, float], total_steps: int) -> str:
     return (
-        f"step {metrics['step']}{total} epoch {metrics['epoch']} loss {metrics['loss']:.4f} consistency {metrics['consistency_loss']:.4f} "
+        f"step {metrics['step']}/{total_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} consistency {metrics['consistency_loss']:.4f} "
         f"ar {metrics['ar_loss']:.4f} samples/s {metrics['samples_per_s']:.2f} tokens/s {metrics['tokens_per_s']:.0f} "
         f"states/s {metrics['states_per_s']:.2f} lr {metrics['lr']:.2e}"
     )
@@ -383,7 +389,7 @@ def export_model(engine, tokenizer, settings: TrainSettings, rank: int) -> None:
             if filesystem.exists(path):
                 filesystem.rm(path, recursive=True)
             filesystem.put(staging.rstrip("/") + "/", path, recursive=True)
-    print(f"exported the trained model to {settings.output.rstrip('/')}/hf", flush=True)
+    worker_print(f"exported the trained model to {settings.output.rstrip('/')}/hf")
 
 
 # -- the recipe -------------------------------------------------------------------------------

@@ -187,3 +187,15 @@ def test_toy_sources(tokenizer):
     assert records[0].prompt_ids == ids(tokenizer, expected[0].prompt)
     assert records[0].label_ids[-1] == tokenizer.eos_token_id
     assert load_prompts("toy:train", tokenizer, limit=2)[0][0].source == "toy:train"
+
+
+def test_duplicate_prompts_are_skipped_as_bad_rows(tokenizer):
+    """Toy code has a few functions with the same docstring: the same prompt, hence the same id."""
+    toy = pytest.importorskip("cllm.toy")
+    expected = toy.toy_prompts("heldout", "code")
+    records, bad = load_prompts("toy-code:heldout", tokenizer)
+    duplicates = [b for b in bad if "duplicate of row" in b.reason]
+    assert duplicates and len(records) + len(duplicates) == len(expected)
+    assert len({r.prompt_id for r in records}) == len(records)
+    with pytest.raises(BadRowError, match="duplicate of row"):
+        load_prompts("toy-code:heldout", tokenizer, strict=True)
