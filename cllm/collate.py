@@ -109,12 +109,15 @@ def _fixed_length(row: Row) -> int:
     return _n_token(row) if value is None else int(value)
 
 
-def prompt_ids(row: Row) -> list[int]:
-    """The prompt alone: the prefix minus the fixed points of earlier blocks, which are full
-    blocks of n_token ids (only a row's last block can be shorter)."""
+def prompt_length(row: Row) -> int:
+    """Length of the prompt alone: the prefix minus the fixed points of earlier blocks, which are
+    full blocks of n_token ids (only a row's last block can be shorter)."""
     n_token = int(row.get("n_token") or _n_token(row))
-    prefix = list(row["prefix_ids"])
-    return prefix[: len(prefix) - int(row.get("block_index") or 0) * n_token]
+    return len(row["prefix_ids"]) - int(row.get("block_index") or 0) * n_token
+
+
+def prompt_ids(row: Row) -> list[int]:
+    return list(row["prefix_ids"])[: prompt_length(row)]
 
 
 def _check_rows(rows: Sequence[Row], labels: bool) -> int:
@@ -208,7 +211,7 @@ def collate_states(
             [p + f for p, f in zip(prefixes, fixed_points)],
             pad_token_id,
             trained_lengths=[length + valid for length, valid in zip(prefix_lengths, fixed_lengths)],
-            prompt_lengths=[len(prompt_ids(row)) for row in rows],
+            prompt_lengths=[prompt_length(row) for row in rows],
         ),
         student_state=torch.tensor(students, dtype=torch.long).view(len(rows), n_token),
         fixed_point=torch.tensor(fixed_points, dtype=torch.long).view(len(rows), n_token),
@@ -256,8 +259,8 @@ def collate_packed(rows: Sequence[Row], pad_token_id: int, labels: bool = False)
             prediction_index[b, j] = torch.where(block_positions == 0, prefix_length - 1, start + block_positions - 1)
         # AR on what the teacher generated: the earlier blocks in the prefix, then the fixed point
         valid = _fixed_length(row)
-        prompt_length = len(prompt_ids(row))
-        ar_labels[b, prompt_length - 1 : prefix_length - 1] = prefix[prompt_length:]
+        prompt_end = prompt_length(row)
+        ar_labels[b, prompt_end - 1 : prefix_length - 1] = prefix[prompt_end:]
         fixed_point_index = prediction_index[b, count - 1, :valid]
         ar_labels[b, fixed_point_index] = row_states[-1, :valid]
 
