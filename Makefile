@@ -9,28 +9,34 @@ PYTEST_ARGS ?=
 # `make demo BUDGET=long` trades time for stronger numbers; DEMO_ARGS=--fresh starts over.
 BUDGET ?= quick
 DEMO_ARGS ?=
+# -qq: errors only (pip's per-location index warnings would drown the output).
+PIP := $(BIN)/python -m pip install -qq --disable-pip-version-check
 
-.PHONY: setup deepspeed-ops test test-fast demo bench clean
+.PHONY: setup deepspeed-ops lint test test-fast demo bench clean
 
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
+	@echo "setting up $(VENV): torch, then cllm-ray with its ray, train, report and test extras"
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
+	$(PIP) --upgrade pip
 	# torch first, so the project's `torch>=2.4` range is already satisfied.
-	$(BIN)/python -m pip install -q "$(TORCH_SPEC)"
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(PIP) "$(TORCH_SPEC)"
+	$(PIP) -e '.[ray,train,report,test]'
 	touch $@
 
 # DeepSpeed JIT-compiles its CPU shared-memory comm op once (about 80 s) into
 # ~/.cache/torch_extensions; building it up front keeps that out of the training tests' timeouts.
 deepspeed-ops: setup
-	$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()"
+	@$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" > /dev/null
 
-test: setup deepspeed-ops
+lint: setup
+	$(BIN)/ruff check .
+
+test: setup deepspeed-ops lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
-test-fast: setup
+test-fast: setup lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup deepspeed-ops

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.models import load_model, tiny_model
+from cllm.hf import load_model, tiny_model
 from cllm.prompts import load_prompts
 from cllm.trajectory import CollectConfig, collect_trajectories
 

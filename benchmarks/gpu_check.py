@@ -16,7 +16,8 @@ import time
 import torch
 
 from cllm import ar_generate, jacobi_generate, tiny_model
-from cllm.models import TINY_ARCHITECTURES, cache_kwargs, new_cache
+from cllm.cache import cache_kwargs, new_cache
+from cllm.hf import TINY_ARCHITECTURES
 
 
 def mixed_batch(vocab: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -81,8 +82,8 @@ def check_speed(device: torch.device) -> None:
         ar_generate(model, prompts, max_new_tokens=16)  # warm-up
         times = {}
         for name, run in (
-            ("ar", lambda: ar_generate(model, prompts, max_new_tokens=128)),
-            ("jacobi", lambda: jacobi_generate(model, prompts, n_token=16, max_new_tokens=128)),
+            ("ar", lambda prompts=prompts: ar_generate(model, prompts, max_new_tokens=128)),
+            ("jacobi", lambda prompts=prompts: jacobi_generate(model, prompts, n_token=16, max_new_tokens=128)),
         ):
             torch.cuda.synchronize()
             start = time.perf_counter()

@@ -15,13 +15,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
 from cllm import ar_generate, jacobi_generate, load_model, tiny_model
-from cllm.models import TINY_ARCHITECTURES, default_device
+from cllm.device import default_device
+from cllm.hf import TINY_ARCHITECTURES
 
 
 @dataclass
@@ -35,8 +36,9 @@ class Case:
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    architectures = ", ".join(TINY_ARCHITECTURES)
     parser.add_argument("--model", default="tiny:llama",
-                        help="tiny:<arch> (random, one of %s), toy, a hub id or a local directory" % ", ".join(TINY_ARCHITECTURES))
+                        help=f"tiny:<arch> (random, one of {architectures}), toy, a hub id or a local directory")
     parser.add_argument("--n-token", type=int, nargs="+", default=[8, 16, 32])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--max-new-tokens", type=int, default=64)
@@ -62,7 +64,7 @@ def make_prompts(model, tokenizer, batch_size: int, length: int) -> torch.Tensor
     vocab = model.config.vocab_size
     if tokenizer is not None:
         try:
-            from cllm.toy import toy_prompts
+            from cllm.toy.tasks import toy_prompts
 
             texts = [p.prompt for p in toy_prompts("heldout", limit=batch_size)]
             ids = [tokenizer(text)["input_ids"][-length:] for text in texts]

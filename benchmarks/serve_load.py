@@ -30,6 +30,9 @@ from pathlib import Path
 
 import openai
 
+from cllm.toy import parse_toy_name
+from cllm.toy.tasks import toy_prompts
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -171,7 +174,7 @@ def measure_local_deployments(args, prompts) -> list[LoadResult]:
     import ray
     from ray import serve
 
-    from serve.app import BuilderArgs, build_app
+    from cllm_serve.app import BuilderArgs, build_app
 
     model = args.model
     workdir = tempfile.TemporaryDirectory()
@@ -265,10 +268,8 @@ def main() -> None:
     if args.prompts_file:
         lines = [line for line in Path(args.prompts_file).read_text().splitlines() if line.strip()]
         prompts = [lines[i % len(lines)] for i in range(args.requests)]
-    elif args.model.startswith("toy"):
-        from cllm.toy import toy_prompts  # the teacher's own held-out task prompts
-
-        domain = None if args.model == "toy" else args.model.split("-", 1)[1]
+    elif parse_toy_name(args.model) is not None:  # the teacher's own held-out task prompts
+        domain = parse_toy_name(args.model).domain
         prompts = [example.prompt for example in toy_prompts("heldout", domain, limit=args.requests)]
     else:
         prompts = random_prompts(args.requests, args.vocab_size, args.prompt_tokens, args.seed)

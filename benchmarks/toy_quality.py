@@ -19,6 +19,8 @@ import torch
 
 from cllm import toy
 from cllm.jacobi import ar_generate, jacobi_generate
+from cllm.metrics import repetition_rate
+from cllm.toy import tasks, teacher
 
 MAX_NEW_TOKENS = {"math": 96, "code": 160}
 
@@ -46,14 +48,14 @@ def evaluate(model, tokenizer, domain: str, prompts: list[toy.ToyPrompt], max_ne
         ar_forwards += ar.stats.total.forwards
         jacobi_forwards += jacobi.stats.total.forwards
     texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in ar_tokens]
-    checks = [toy.check_answer(domain, text, p.answer) for text, p in zip(texts, prompts)]
+    checks = [tasks.check_answer(domain, text, p.answer) for text, p in zip(texts, prompts)]
     generated = sum(len(tokens) for tokens in ar_tokens)
     return {
         "prompts": len(prompts),
         "accuracy": None if checks[0] is None else sum(map(bool, checks)) / len(checks),
-        "repetition_rate": sum(toy.repetition_rate(t) for t in ar_tokens) / len(ar_tokens),
+        "repetition_rate": sum(repetition_rate(t) for t in ar_tokens) / len(ar_tokens),
         "reference_repetition_rate": sum(
-            toy.repetition_rate(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in prompts
+            repetition_rate(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in prompts
         ) / len(prompts),
         "mean_new_tokens": generated / len(prompts),
         "ended_with_eos": sum(t[-1] == tokenizer.eos_token_id for t in ar_tokens if t) / len(prompts),
@@ -70,10 +72,10 @@ def evaluate(model, tokenizer, domain: str, prompts: list[toy.ToyPrompt], max_ne
 
 
 def report(domain: str, prompts: int, max_new_tokens: int, cache_dir: str | None) -> dict:
-    model, tokenizer = toy.load_toy(domain, cache_dir=cache_dir)
-    info = toy.toy_build_info(domain, cache_dir) or {}
+    model, tokenizer = teacher.load_toy(domain, cache_dir=cache_dir)
+    info = teacher.toy_build_info(domain, cache_dir) or {}
     training = info.get("training", {})
-    heldout = toy.toy_prompts("heldout", domain, limit=prompts)
+    heldout = tasks.toy_prompts("heldout", domain, limit=prompts)
     with torch.inference_mode():
         quality = evaluate(model, tokenizer, domain, heldout, max_new_tokens)
     return {

@@ -16,7 +16,8 @@ import tempfile
 from toy_quality import evaluate  # sibling script: same measurements as the quality report
 
 from cllm import toy
-from cllm.models import default_device
+from cllm.device import default_device
+from cllm.toy import tasks, teacher
 
 
 def main() -> None:
@@ -26,12 +27,12 @@ def main() -> None:
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("overrides", nargs="+", help="JSON objects of ToyConfig fields")
     args = parser.parse_args()
-    prompts = toy.toy_prompts("heldout", args.domain, limit=args.prompts)
+    prompts = tasks.toy_prompts("heldout", args.domain, limit=args.prompts)
     for override in args.overrides:
-        config = dataclasses.replace(toy.default_config(args.domain), **json.loads(override))
+        config = dataclasses.replace(teacher.default_config(args.domain), **json.loads(override))
         with tempfile.TemporaryDirectory() as cache:
-            model, tokenizer = toy.load_toy(args.domain, config, cache_dir=cache)
-            info = toy.toy_build_info(args.domain, cache)
+            model, tokenizer = teacher.load_toy(args.domain, config, cache_dir=cache)
+            info = teacher.toy_build_info(args.domain, cache)
         result = evaluate(model.to(default_device()), tokenizer, args.domain, prompts, args.max_new_tokens)
         result.pop("samples")
         print(json.dumps({"override": json.loads(override), "parameters": info["parameters"],

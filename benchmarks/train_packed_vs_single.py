@@ -17,29 +17,16 @@ import time
 
 import torch
 
-from cllm import jacobi_generate, tiny_model
+from cllm import tiny_model
 from cllm.collate import collate_packed, collate_states
+from cllm.data import TrajectoryRow
 from cllm.losses import LossConfig, compute_losses
+from cllm.trajectory import CollectConfig, trajectory_rows
 
 PAD = 0
 
 
-def trajectory_rows(model, prompts: list[list[int]], n_token: int, max_new_tokens: int) -> list[dict]:
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    output = jacobi_generate(model, input_ids, attention_mask, n_token=n_token, max_new_tokens=max_new_tokens,
-                             pad_token_id=PAD, return_trajectories=True)
-    rows = []
-    for prompt, generated, blocks in zip(prompts, output.new_tokens, output.trajectories):
-        for block_index, states in enumerate(blocks):
-            done = block_index * n_token
-            rows.append({"prefix_ids": prompt + generated[:done], "states": states, "block_index": block_index,
-                             "n_token": n_token, "fixed_length": min(n_token, len(generated) - done)})
-    return rows
-
-
-def states_per_second(model, rows: list[dict], packed: bool, batch_size: int, steps: int) -> dict:
+def states_per_second(model, rows: list[TrajectoryRow], packed: bool, batch_size: int, steps: int) -> dict:
     config = LossConfig()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     model.train()
@@ -71,10 +58,12 @@ def main() -> None:
     torch.manual_seed(0)
     model = tiny_model("llama", vocab_size=256, seed=0, hidden_size=128, intermediate_size=256, num_hidden_layers=4)
     generator = torch.Generator().manual_seed(0)
-    prompts = [torch.randint(1, 256, (int(torch.randint(16, 48, (1,), generator=generator)),), generator=generator).tolist()
-               for _ in range(args.prompts)]
-    rows = trajectory_rows(model.eval(), prompts, args.n_token, args.max_new_tokens)
-    mean_states = sum(len(row["states"]) for row in rows) / len(rows)
+    lengths = torch.randint(16, 48, (args.prompts,), generator=generator).tolist()
+    prompts = [{"prompt_id": f"p{i}", "prompt_ids": torch.randint(1, 256, (length,), generator=generator).tolist()}
+               for i, length in enumerate(lengths)]
+    config = CollectConfig(n_token=args.n_token, max_new_tokens=args.max_new_tokens, min_loop_tokens=0)
+    rows = trajectory_rows(model.eval(), prompts, "tiny", config).rows
+    mean_states = sum(len(row.states) for row in rows) / len(rows)
 
     single = states_per_second(copy.deepcopy(model), rows, packed=False, batch_size=args.batch_size, steps=args.steps)
     packed = states_per_second(copy.deepcopy(model), rows, packed=True, batch_size=args.batch_size, steps=args.steps)

@@ -1,5 +1,6 @@
 """CLLM: Jacobi decoding and consistency training for Hugging Face causal LMs (no Ray here)."""
 
+from cllm.hf import load_model, load_tokenizer, tiny_model
 from cllm.jacobi import (
     GenerationStats,
     JacobiOutput,
@@ -8,7 +9,6 @@ from cllm.jacobi import (
     jacobi_generate,
     pad_prompts,
 )
-from cllm.models import load_model, tiny_model
 
 __all__ = [
     "GenerationStats",
@@ -17,6 +17,7 @@ __all__ = [
     "ar_generate",
     "jacobi_generate",
     "load_model",
+    "load_tokenizer",
     "pad_prompts",
     "tiny_model",
 ]

@@ -1,8 +1,6 @@
 """Turn trajectory rows into padded training batches of any size (mixed prefix lengths are fine).
 
-A row is one (prompt, block) of the trajectory schema (`cllm/data.py`) as a mapping: `prefix_ids`,
-`states` (initial guess first, fixed point last, n ids each), `fixed_length` (valid leading
-positions of the fixed point), `block_index`, `n_token` and, optionally, `label_ids`.
+A row is one (prompt, block): a `cllm.data.TrajectoryRow`.
 
 Two layouts, both right-padded, consumed by `cllm.losses`:
 - `StateBatch`: one sampled student state per row, as separate prefix + state sequences (student,
@@ -12,22 +10,21 @@ Two layouts, both right-padded, consumed by `cllm.losses`:
 
 AR labels cover only generated text (earlier blocks and the fixed point, or the reference answer),
 never the prompt. Chat models and the toy teachers are trained with the prompt masked, so they
-predict it poorly: on the toy math teacher prompt tokens cost about 13 nats each, and at w = 10
-they swamped the loss and cost the CLLM 14 points of accuracy.
+predict prompt tokens poorly; at w = 10 those tokens would swamp the loss and cost accuracy.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-Row = Mapping[str, Any]
-IGNORE = -100  # label value that cross-entropy skips
+from cllm.data import TrajectoryRow
+from cllm.metrics import IGNORE, right_pad
 
 
 def _to(value: Any, device: torch.device | str) -> Any:
@@ -97,40 +94,17 @@ class PackedBatch(_Movable):
         return self.input_ids.shape[0]
 
 
-# -- row fields ------------------------------------------------------------------------------
-
-
-def _n_token(row: Row) -> int:
-    return len(row["states"][0])
-
-
-def _fixed_length(row: Row) -> int:
-    value = row.get("fixed_length")
-    return _n_token(row) if value is None else int(value)
-
-
-def prompt_length(row: Row) -> int:
-    """Length of the prompt alone: the prefix minus the fixed points of earlier blocks, which are
-    full blocks of n_token ids (only a row's last block can be shorter)."""
-    n_token = int(row.get("n_token") or _n_token(row))
-    return len(row["prefix_ids"]) - int(row.get("block_index") or 0) * n_token
-
-
-def prompt_ids(row: Row) -> list[int]:
-    return list(row["prefix_ids"])[: prompt_length(row)]
-
-
-def _check_rows(rows: Sequence[Row], labels: bool) -> int:
+def _check_rows(rows: Sequence[TrajectoryRow], labels: bool) -> int:
     if not rows:
         raise ValueError("cannot collate an empty list of rows")
-    n_token = _n_token(rows[0])
+    n_token = rows[0].n_token
     for row in rows:
-        if not row["prefix_ids"]:
-            raise ValueError(f"row {row.get('prompt_id')!r} block {row.get('block_index')} has an empty prefix")
-        if any(len(state) != n_token for state in row["states"]):
-            raise ValueError(f"all states in a batch must have {n_token} ids (row {row.get('prompt_id')!r})")
-        if labels and row.get("label_ids") is None:
-            raise ValueError(f"row {row.get('prompt_id')!r} has no label_ids, needed for the labels AR target")
+        if not row.prefix_ids:
+            raise ValueError(f"row {row.prompt_id!r} block {row.block_index} has an empty prefix")
+        if any(len(state) != n_token for state in row.states):
+            raise ValueError(f"all states in a batch must have {n_token} ids (row {row.prompt_id!r})")
+        if labels and row.label_ids is None:
+            raise ValueError(f"row {row.prompt_id!r} has no label_ids, needed for the labels AR target")
     return n_token
 
 
@@ -144,29 +118,20 @@ def pad_sequences(
     prompt_lengths: Sequence[int] | None = None,
 ) -> SequenceBatch:
     """Right-pad `sequences`. Next-token labels cover each sequence's tokens after its first
-    `prompt_lengths` (none by default) and up to its first `trained_lengths` (all by default):
-    logit t predicts token t + 1."""
-    width = max(len(sequence) for sequence in sequences)
-    batch = len(sequences)
-    input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)
-    labels = torch.full((batch, width), IGNORE, dtype=torch.long)
-    for b, sequence in enumerate(sequences):
-        length = len(sequence)
-        input_ids[b, :length] = torch.tensor(list(sequence), dtype=torch.long)
-        attention_mask[b, :length] = 1
-        trained = length if trained_lengths is None else trained_lengths[b]
-        untrained = 0 if prompt_lengths is None else prompt_lengths[b]
-        start = max(untrained - 1, 0)
-        labels[b, start : trained - 1] = input_ids[b, start + 1 : trained]
+    `prompt_lengths` (none by default) and up to its first `trained_lengths` (all by default),
+    aligned to the logits: logit t predicts token t + 1."""
+    input_ids, attention_mask, token_labels = right_pad(sequences, pad_token_id, prompt_lengths, trained_lengths)
+    labels = torch.full_like(token_labels, IGNORE)
+    labels[:, :-1] = token_labels[:, 1:]
+    batch, width = input_ids.shape
     position_ids = torch.arange(width).expand(batch, width).clone()
     return SequenceBatch(input_ids, attention_mask, position_ids, labels)
 
 
-def _label_sequences(rows: Sequence[Row], pad_token_id: int) -> SequenceBatch:
-    prompts = [prompt_ids(row) for row in rows]
+def _label_sequences(rows: Sequence[TrajectoryRow], pad_token_id: int) -> SequenceBatch:
+    prompts = [row.prompt_ids for row in rows]
     return pad_sequences(
-        [prompt + list(row["label_ids"]) for prompt, row in zip(prompts, rows)],
+        [prompt + list(row.label_ids) for prompt, row in zip(prompts, rows)],
         pad_token_id,
         prompt_lengths=[len(prompt) for prompt in prompts],
     )
@@ -176,7 +141,7 @@ def _label_sequences(rows: Sequence[Row], pad_token_id: int) -> SequenceBatch:
 
 
 def collate_states(
-    rows: Sequence[Row],
+    rows: Sequence[TrajectoryRow],
     pad_token_id: int,
     rng: random.Random | None = None,
     labels: bool = False,
@@ -188,7 +153,7 @@ def collate_states(
     rng = rng or random.Random(0)
     prefixes, students, nexts, fixed_points, fixed_lengths, has_target = [], [], [], [], [], []
     for b, row in enumerate(rows):
-        states = [list(state) for state in row["states"]]
+        states = [list(state) for state in row.states]
         last = len(states) - 1
         if last == 0:
             index = 0
@@ -196,11 +161,11 @@ def collate_states(
             index = min(state_indices[b], last - 1)
         else:
             index = rng.randrange(last)
-        prefixes.append(list(row["prefix_ids"]))
+        prefixes.append(list(row.prefix_ids))
         students.append(states[index])
         nexts.append(states[min(index + 1, last)])
         fixed_points.append(states[last])
-        fixed_lengths.append(_fixed_length(row))
+        fixed_lengths.append(row.fixed_length)
         has_target.append(last > 0)
     prefix_lengths = [len(prefix) for prefix in prefixes]
     return StateBatch(
@@ -211,7 +176,7 @@ def collate_states(
             [p + f for p, f in zip(prefixes, fixed_points)],
             pad_token_id,
             trained_lengths=[length + valid for length, valid in zip(prefix_lengths, fixed_lengths)],
-            prompt_lengths=[prompt_length(row) for row in rows],
+            prompt_lengths=[row.prompt_length for row in rows],
         ),
         student_state=torch.tensor(students, dtype=torch.long).view(len(rows), n_token),
         fixed_point=torch.tensor(fixed_points, dtype=torch.long).view(len(rows), n_token),
@@ -226,12 +191,12 @@ def collate_states(
 _PREFIX, _PAD = -1, -2  # segment ids; states are segments 0..k-1
 
 
-def collate_packed(rows: Sequence[Row], pad_token_id: int, labels: bool = False) -> PackedBatch:
+def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: bool = False) -> PackedBatch:
     """Pack each row as prefix + all its states."""
     n_token = _check_rows(rows, labels)
     batch = len(rows)
-    max_states = max(len(row["states"]) for row in rows)
-    width = max(len(row["prefix_ids"]) + len(row["states"]) * n_token for row in rows)
+    max_states = max(len(row.states) for row in rows)
+    width = max(len(row.prefix_ids) + len(row.states) * n_token for row in rows)
 
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
@@ -242,8 +207,8 @@ def collate_packed(rows: Sequence[Row], pad_token_id: int, labels: bool = False)
     block_positions = torch.arange(n_token)
 
     for b, row in enumerate(rows):
-        prefix = torch.tensor(list(row["prefix_ids"]), dtype=torch.long)
-        row_states = torch.tensor([list(state) for state in row["states"]], dtype=torch.long)
+        prefix = torch.tensor(list(row.prefix_ids), dtype=torch.long)
+        row_states = torch.tensor([list(state) for state in row.states], dtype=torch.long)
         prefix_length, count = len(prefix), len(row_states)
         states[b, :count] = row_states
         states[b, count:] = row_states[-1]
@@ -258,8 +223,8 @@ def collate_packed(rows: Sequence[Row], pad_token_id: int, labels: bool = False)
             # token 0 of a state is predicted by the prefix's last logit, token i by the state's i - 1
             prediction_index[b, j] = torch.where(block_positions == 0, prefix_length - 1, start + block_positions - 1)
         # AR on what the teacher generated: the earlier blocks in the prefix, then the fixed point
-        valid = _fixed_length(row)
-        prompt_end = prompt_length(row)
+        valid = row.fixed_length
+        prompt_end = row.prompt_length
         ar_labels[b, prompt_end - 1 : prefix_length - 1] = prefix[prompt_end:]
         fixed_point_index = prediction_index[b, count - 1, :valid]
         ar_labels[b, fixed_point_index] = row_states[-1, :valid]
@@ -274,8 +239,8 @@ def collate_packed(rows: Sequence[Row], pad_token_id: int, labels: bool = False)
         position_ids=position_ids,
         attention_allowed=allowed.unsqueeze(1),
         states=states,
-        state_counts=torch.tensor([len(row["states"]) for row in rows]),
-        fixed_length=torch.tensor([_fixed_length(row) for row in rows]),
+        state_counts=torch.tensor([len(row.states) for row in rows]),
+        fixed_length=torch.tensor([row.fixed_length for row in rows]),
         prediction_index=prediction_index,
         ar_labels=ar_labels,
         label_sequences=_label_sequences(rows, pad_token_id) if labels else None,
@@ -283,7 +248,7 @@ def collate_packed(rows: Sequence[Row], pad_token_id: int, labels: bool = False)
 
 
 def collate(
-    rows: Sequence[Row],
+    rows: Sequence[TrajectoryRow],
     pad_token_id: int,
     packed: bool,
     labels: bool = False,

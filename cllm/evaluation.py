@@ -1,19 +1,17 @@
-"""Evaluation of AR vs Jacobi decoding: speed, tokens per forward, quality, and the report.
+"""Evaluation of AR vs Jacobi decoding: the timing harness and the rows of the paper's Table 1.
 
 This is the library half of `pipelines/evaluate.py` (no Ray here). It times greedy AR and Jacobi
-decoding side by side on the same batches, measures quality (a task metric when there is one,
-agreement with a baseline model's greedy output, held-out next-token loss on reference answers),
-and writes the paper's Table 1 as `report.json`, `report.md` and PNG plots.
+decoding side by side on the same batches and scores quality: a task metric when there is one,
+agreement with a baseline model's greedy output, and the held-out loss on reference answers
+(`cllm.metrics`). `cllm.report` turns the rows into files and plots.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from dataclasses import dataclass, field
 
 import torch
 
@@ -25,18 +23,13 @@ from cllm.jacobi import (
     jacobi_generate,
     pad_prompts,
 )
-from cllm.prompts import is_toy_source
-from cllm.toy import DEFAULT_DOMAIN, DOMAINS, check_answer, repetition_rate
+from cllm.metrics import agreement, repetition_rate
+from cllm.toy import parse_toy_name
+from cllm.toy.tasks import check_answer, has_task_metric
 
 TokenText = Callable[[int], str]
 TaskMetric = Callable[[list[list[int]]], "float | None"]
 """Maps one run's outputs (per prompt, in prompt order) to a task score in [0, 1], or None."""
-
-REPORT_JSON = "report.json"
-REPORT_MD = "report.md"
-SPEEDUP_PNG = "speedup.png"
-TPF_HISTOGRAM_PNG = "tpf_histogram.png"
-TRAJECTORY_PNG = "trajectory.png"
 
 
 @dataclass
@@ -58,7 +51,7 @@ class Contender:
     name: str
     model: torch.nn.Module
     prompts: list[list[int]]
-    eos_token_id: int | None = None
+    eos_token_ids: frozenset[int] = frozenset()
     pad_token_id: int = 0
 
 
@@ -125,11 +118,13 @@ class ReportRow:
 # -- batching and decoding -------------------------------------------------------------------
 
 
-def _decode(contender: Contender, prompts: Sequence[list[int]], run: RunResult, settings: DecodeSettings) -> JacobiOutput:
+def _decode(
+    contender: Contender, prompts: Sequence[list[int]], run: RunResult, settings: DecodeSettings
+) -> JacobiOutput:
     input_ids, attention_mask = pad_prompts(prompts, contender.pad_token_id)
     common = {
         "max_new_tokens": settings.max_new_tokens,
-        "eos_token_id": contender.eos_token_id,
+        "eos_token_id": contender.eos_token_ids,
         "pad_token_id": contender.pad_token_id,
     }
     if run.decoding == "ar":
@@ -197,89 +192,21 @@ def _record(run: RunResult, output: JacobiOutput) -> None:
         run.example_trajectory = _pick_example_block(output.trajectories)
 
 
-# -- quality ---------------------------------------------------------------------------------
-
-
-def common_prefix_fraction(output: Sequence[int], reference: Sequence[int]) -> float:
-    """Length of the common prefix over the longer sequence's length (1.0 for two empty ones)."""
-    longest = max(len(output), len(reference))
-    if longest == 0:
-        return 1.0
-    common = 0
-    for a, b in zip(output, reference):
-        if a != b:
-            break
-        common += 1
-    return common / longest
-
-
-def agreement(outputs: Sequence[Sequence[int]], references: Sequence[Sequence[int]]) -> tuple[float, float]:
-    """(fraction of identical outputs, mean common-prefix fraction) against reference outputs."""
-    if len(outputs) != len(references):
-        raise ValueError(f"{len(outputs)} outputs but {len(references)} references")
-    if not outputs:
-        return 0.0, 0.0
-    identical = sum(list(a) == list(b) for a, b in zip(outputs, references)) / len(outputs)
-    prefix = sum(common_prefix_fraction(a, b) for a, b in zip(outputs, references)) / len(outputs)
-    return identical, prefix
-
-
-@torch.inference_mode()
-def heldout_loss(
-    model, prompts: Sequence[list[int]], answers: Sequence[list[int] | None], batch_size: int = 8
-) -> float | None:
-    """Mean next-token cross-entropy (nats per token) of reference answers given their prompts.
-    Prompts without an answer are skipped; None when no prompt has one."""
-    pairs = [(p, a) for p, a in zip(prompts, answers) if a]
-    if not pairs:
-        return None
-    total_loss, total_tokens = 0.0, 0
-    device = model.device
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        sequences = [list(p) + list(a) for p, a in chunk]
-        width = max(len(s) for s in sequences)
-        # Right padding; only answer positions carry a label.
-        input_ids = torch.tensor([s + [0] * (width - len(s)) for s in sequences], device=device)
-        attention_mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in sequences], device=device)
-        labels = torch.tensor(
-            [[-100] * len(p) + list(a) + [-100] * (width - len(p) - len(a)) for p, a in chunk], device=device
-        )
-        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits.float()
-        total_loss += torch.nn.functional.cross_entropy(
-            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1),
-            ignore_index=-100, reduction="sum",
-        ).item()
-        total_tokens += int((labels[:, 1:] != -100).sum())
-    return total_loss / total_tokens
-
-
 # -- the table -------------------------------------------------------------------------------
 
 
-def toy_task_domain(prompts_spec: str) -> str | None:
-    """The toy domain of a prompt source such as `toy:heldout` or `toy-code:heldout` (its task
-    metric is `cllm.toy.check_answer`), or None for data files, which have no task metric here."""
-    if not is_toy_source(prompts_spec):
-        return None
-    name = prompts_spec.partition(":")[0]
-    return DEFAULT_DOMAIN if name == "toy" else name.split("-", 1)[1]
-
-
-def exact_answer_metric(
-    domain: str | None, decode: Callable[[list[int]], str], references: Sequence[str | None]
+def task_metric(
+    prompts_spec: str, decode: Callable[[list[int]], str], references: Sequence[str | None]
 ) -> TaskMetric | None:
-    """The task metric of a toy domain as a function of a run's outputs (math: the final answer
-    matches the reference answer text). None without a domain or without a reference for every
-    prompt; the metric itself gives None for a domain that has none (code)."""
-    if domain not in DOMAINS or not references or any(reference is None for reference in references):
+    """The task metric of the prompts' source as a function of a run's outputs: for a toy
+    source with a metric (`toy:heldout`: the final answer matches the reference answer text),
+    else None (data files, toy code, or a prompt without a reference)."""
+    toy = parse_toy_name(prompts_spec)
+    if toy is None or not has_task_metric(toy.domain) or not references or None in references:
         return None
 
-    def accuracy(outputs: list[list[int]]) -> float | None:
-        checks = [check_answer(domain, decode(o), r) for o, r in zip(outputs, references)]
-        if any(check is None for check in checks):
-            return None
-        return sum(checks) / len(checks)
+    def accuracy(outputs: list[list[int]]) -> float:
+        return sum(bool(check_answer(toy.domain, decode(o), r)) for o, r in zip(outputs, references)) / len(outputs)
 
     return accuracy
 
@@ -329,174 +256,3 @@ def report_rows(evaluations: Sequence[ModelEvaluation], baseline: str) -> list[R
 
 def _ratio(numerator: float, denominator: float) -> float:
     return numerator / denominator if denominator > 0 else 0.0
-
-
-def _cell(value: float | None, digits: int = 2, percent: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{100 * value:.1f}%" if percent else f"{value:.{digits}f}"
-
-
-def markdown_table(rows: Sequence[ReportRow]) -> str:
-    """The rows as a Markdown table in the spirit of the paper's Table 1."""
-    header = (
-        "| model | decoding | n | TPF | tokens/s | speedup | accuracy | identical to baseline "
-        "| common prefix | held-out loss | repetition | fast-fwd/block | stationary/block |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
-    )
-    lines = [
-        f"| {r.model} | {r.decoding} | {r.n_token} | {_cell(r.tokens_per_forward)} "
-        f"| {_cell(r.tokens_per_second, 1)} | {_cell(r.speedup)}× | {_cell(r.accuracy, percent=True)} "
-        f"| {_cell(r.agreement_with_baseline, percent=True)} | {_cell(r.common_prefix_with_baseline, percent=True)} "
-        f"| {_cell(r.heldout_loss, 3)} | {_cell(r.repetition, percent=True)} | {_cell(r.fast_forwarded_per_block)} | {_cell(r.stationary_per_block)} |"
-        for r in rows
-    ]
-    return header + "\n".join(lines) + "\n"
-
-
-# -- plots -----------------------------------------------------------------------------------
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")  # files only, never a window
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_speedup(rows: Sequence[ReportRow], path: Path) -> None:
-    plt = _pyplot()
-    labels = [f"{r.model}\n{r.decoding}" + (f" n={r.n_token}" if r.decoding == "jacobi" else "") for r in rows]
-    colors = ["tab:gray" if r.decoding == "ar" else "tab:blue" for r in rows]
-    figure, axes = plt.subplots(figsize=(max(4.0, 1.3 * len(rows)), 3.8))
-    bars = axes.bar(range(len(rows)), [r.speedup for r in rows], color=colors)
-    axes.bar_label(bars, labels=[f"{r.speedup:.2f}×" for r in rows], fontsize=8)
-    axes.axhline(1.0, color="black", linewidth=0.8, linestyle="--")
-    axes.set_xticks(range(len(rows)), labels, fontsize=8)
-    axes.set_ylabel("speedup over baseline AR (tokens/s)")
-    axes.set_title("Wall-clock speedup")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_tpf_histogram(evaluations: Sequence[ModelEvaluation], path: Path) -> None:
-    """Distribution over prompts of tokens per forward, one histogram per Jacobi run."""
-    plt = _pyplot()
-    figure, axes = plt.subplots(figsize=(6, 3.8))
-    for evaluation in evaluations:
-        for run in evaluation.runs:
-            if run.decoding != "jacobi":
-                continue
-            values = [row.tokens_per_forward for row in run.per_prompt]
-            axes.hist(values, bins=20, alpha=0.55, label=f"{evaluation.name} n={run.n_token}")
-    axes.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
-    axes.set_xlabel("tokens per forward (per prompt)")
-    axes.set_ylabel("prompts")
-    axes.set_title("Jacobi tokens per forward")
-    if axes.get_legend_handles_labels()[0]:
-        axes.legend(fontsize=8)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def converged_mask(states: Sequence[Sequence[int]]) -> list[list[bool]]:
-    """Per state and position: the token already equals the fixed point and keeps it until the
-    end (what the paper's Figure 1 highlights)."""
-    fixed_point = states[-1]
-    mask = [[False] * len(state) for state in states]
-    for position in range(len(fixed_point)):
-        for index in range(len(states) - 1, -1, -1):
-            if states[index][position] != fixed_point[position]:
-                break
-            mask[index][position] = True
-    return mask
-
-
-def plot_trajectory(states: Sequence[Sequence[int]], token_text: TokenText, path: Path, title: str = "") -> None:
-    """One Jacobi trajectory like the paper's Figure 1: a row of block tokens per iteration, with
-    the tokens that have converged highlighted."""
-    plt = _pyplot()
-    from matplotlib.patches import Rectangle
-
-    converged = converged_mask(states)
-    width = len(states[0])
-    figure, axes = plt.subplots(figsize=(max(6.0, 0.75 * width), 0.5 * len(states) + 1.2))
-    for row, state in enumerate(states):
-        for column, token in enumerate(state):
-            color = "#8fd18f" if converged[row][column] else "#f3f3f3"
-            axes.add_patch(Rectangle((column, row), 1, 1, facecolor=color, edgecolor="white"))
-            axes.text(column + 0.5, row + 0.5, token_text(token), ha="center", va="center",
-                      fontsize=7, family="monospace")
-    axes.set_xlim(0, width)
-    axes.set_ylim(len(states), 0)
-    axes.set_yticks([i + 0.5 for i in range(len(states))], ["guess"] + [f"iter {i}" for i in range(1, len(states))], fontsize=7)
-    axes.set_xticks([i + 0.5 for i in range(width)], [str(i + 1) for i in range(width)], fontsize=7)
-    axes.set_xlabel("block position (green: converged to the fixed point)")
-    axes.set_title(title or "Jacobi trajectory", fontsize=9)
-    for spine in axes.spines.values():
-        spine.set_visible(False)
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def visible_token(text: str, limit: int = 6) -> str:
-    """A decoded token made printable in one short cell: whitespace shown as symbols, other
-    unprintable characters escaped, long tokens cut."""
-    symbols = {"\n": "⏎", "\t": "⇥", " ": "·"}
-    shown = "".join(symbols.get(c, c if c.isprintable() else f"\\x{ord(c):02x}") for c in text)
-    return shown if len(shown) <= limit else shown[: limit - 1] + "…"
-
-
-# -- writing the report ----------------------------------------------------------------------
-
-
-def trajectory_to_plot(
-    evaluations: Sequence[ModelEvaluation], baseline: str
-) -> tuple[ModelEvaluation, RunResult] | None:
-    """The Jacobi run whose example block is drawn: the last non-baseline model (the CLLM in
-    `teacher=... cllm=...`) at its largest block size, falling back to the baseline's."""
-    others = [e for e in evaluations if e.name != baseline]
-    candidates = list(reversed(others)) + [e for e in evaluations if e.name == baseline]
-    for evaluation in candidates:
-        jacobi = [r for r in evaluation.runs if r.decoding == "jacobi" and r.example_trajectory]
-        if jacobi:
-            return evaluation, max(jacobi, key=lambda run: run.n_token)
-    return None
-
-
-def write_report(
-    evaluations: Sequence[ModelEvaluation],
-    baseline: str,
-    output_dir: str | Path,
-    settings: dict | None = None,
-) -> list[ReportRow]:
-    """Write report.json, report.md and the three plots into `output_dir`; return the rows."""
-    output = Path(output_dir)
-    output.mkdir(parents=True, exist_ok=True)
-    rows = report_rows(evaluations, baseline)
-    (output / REPORT_JSON).write_text(
-        json.dumps({"baseline": baseline, "settings": settings or {}, "rows": [asdict(r) for r in rows]}, indent=2)
-        + "\n"
-    )
-    settings_line = ", ".join(f"{k}={v}" for k, v in (settings or {}).items())
-    (output / REPORT_MD).write_text(
-        f"# CLLM evaluation\n\nBaseline: `{baseline}` (speedup is over its greedy AR tokens/s; agreement is "
-        f"with its greedy AR output).\n\nSettings: {settings_line}\n\n{markdown_table(rows)}"
-    )
-    plot_speedup(rows, output / SPEEDUP_PNG)
-    plot_tpf_histogram(evaluations, output / TPF_HISTOGRAM_PNG)
-    chosen = trajectory_to_plot(evaluations, baseline)
-    if chosen is not None:
-        evaluation, run = chosen
-        states = run.example_trajectory
-        plot_trajectory(
-            states, evaluation.token_text, output / TRAJECTORY_PNG,
-            title=f"{evaluation.name}, Jacobi n={run.n_token}: {len(states)} states from the initial guess to the fixed point",
-        )
-    return rows
-

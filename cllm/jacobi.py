@@ -17,12 +17,15 @@ attention mask, so cache entries dropped for one row but kept for another are si
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Literal, Sequence
+from typing import Literal
 
 import torch
 
-from cllm.models import cache_kwargs, drop_last_cache_entries, new_cache
+from cllm.cache import cache_kwargs, drop_last_cache_entries, new_cache
+from cllm.hf import as_id_set
+from cllm.metrics import common_prefix_length
 
 InitGuess = Literal["prompt", "repeat"]
 TokenCallback = Callable[[int, list[int]], "bool | None"]
@@ -110,20 +113,11 @@ class _Row:
         self.emitted = 0  # verified tokens already passed to the token callback
 
 
-def _leading_matches(a: list[int], b: list[int]) -> int:
-    count = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        count += 1
-    return count
-
-
 def _block_statistics(states: list[list[int]], fixed_point: list[int], valid: int) -> tuple[int, int]:
     """(fast-forwarded, stationary) token counts of one block trajectory, on its first `valid`
     positions. Fast-forwarded: tokens beyond the first that become correct in one iteration.
     Stationary: tokens that turn correct while an earlier one is still wrong and then stay."""
-    correct = [_leading_matches(state[:valid], fixed_point[:valid]) for state in states]
+    correct = [common_prefix_length(state[:valid], fixed_point[:valid]) for state in states]
     fast_forwarded = sum(max(0, now - before - 1) for before, now in zip(correct, correct[1:]))
     stationary = 0
     for position in range(1, valid):
@@ -144,7 +138,7 @@ class _JacobiDecoder:
         n_token: int,
         max_new_tokens: int,
         eos_token_id: int | Iterable[int] | None,
-        pad_token_id: int | None,
+        pad_token_id: int,
         init: InitGuess,
         generator: torch.Generator | None,
         return_trajectories: bool,
@@ -159,13 +153,8 @@ class _JacobiDecoder:
         self.model = model
         self.n_token = n_token
         self.max_new_tokens = max_new_tokens
-        if eos_token_id is None:
-            self.eos: frozenset[int] = frozenset()
-        elif isinstance(eos_token_id, int):
-            self.eos = frozenset([eos_token_id])
-        else:
-            self.eos = frozenset(int(token) for token in eos_token_id)
-        self.pad = pad_token_id if pad_token_id is not None else min(self.eos, default=0)
+        self.eos = as_id_set(eos_token_id)
+        self.pad = pad_token_id
         self.init = init
         self.generator = generator if generator is not None else torch.Generator().manual_seed(0)
         self.return_trajectories = return_trajectories
@@ -234,7 +223,7 @@ class _JacobiDecoder:
         n, before = self.n_token, row.cached
         row.block_forwards += 1
         updated = row.block[: before + 1] + predictions[: n - before - 1]
-        matched = before + 1 + _leading_matches(row.block[before + 1 :], updated[before + 1 :])
+        matched = before + 1 + common_prefix_length(row.block[before + 1 :], updated[before + 1 :])
         accepted = matched - before
         row.cached = matched
         row.position += accepted
@@ -371,7 +360,7 @@ def jacobi_generate(
     n_token: int = 16,
     max_new_tokens: int = 256,
     eos_token_id: int | Iterable[int] | None = None,
-    pad_token_id: int | None = None,
+    pad_token_id: int = 0,
     init: InitGuess = "prompt",
     generator: torch.Generator | None = None,
     return_trajectories: bool = False,
@@ -380,7 +369,9 @@ def jacobi_generate(
     """Greedy-equivalent Jacobi decoding of a padded batch (any padding side) with blocks of
     `n_token` tokens. The initial guess of a block is its verified first token followed by
     random tokens of the row's own prompt (`init="prompt"`, seeded by `generator`) or by copies of
-    that token (`init="repeat"`). `on_tokens` streams each row's tokens as they are verified."""
+    that token (`init="repeat"`). `on_tokens` streams each row's tokens as they are verified.
+    `pad_token_id` fills padding and a finished block's unused tail; padding is always masked, so
+    it never changes the output (pass `cllm.hf.pad_id(tokenizer)` to keep trajectories readable)."""
     decoder = _JacobiDecoder(
         model,
         n_token=n_token,
@@ -402,7 +393,7 @@ def ar_generate(
     *,
     max_new_tokens: int,
     eos_token_id: int | Iterable[int] | None = None,
-    pad_token_id: int | None = None,
+    pad_token_id: int = 0,
     on_tokens: TokenCallback | None = None,
 ) -> JacobiOutput:
     """Greedy autoregressive decoding on the same cache and attention path: Jacobi decoding with

@@ -1,6 +1,6 @@
 """CLLM training losses: global and local consistency plus the autoregressive (AR) loss.
 
-DESIGN.md §1 defines the method. For a block with prefix x, states y⁽⁰⁾ … y⁽ᵏ⁾ = y* (the fixed
+docs/design.md ("The method") defines it. For a block with prefix x, states y⁽⁰⁾ … y⁽ᵏ⁾ = y* (the fixed
 point) and a student state y, the consistency loss at block position i is
 
     D( q_θ⁻(· | x, t_{<i}) ‖ q_θ(· | x, y_{<i}) )
@@ -30,7 +30,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from cllm.collate import IGNORE, PackedBatch, SequenceBatch, StateBatch
+from cllm.collate import PackedBatch, SequenceBatch, StateBatch
+from cllm.metrics import IGNORE
 
 LossKind = Literal["global", "local"]
 Distance = Literal["fkl", "rkl", "ce"]

@@ -23,8 +23,12 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
+from cllm.hf import encode_chat, has_chat_template
+from cllm.storage import display_path
+from cllm.toy import parse_toy_name
+from cllm.toy.tasks import toy_prompts
+
 FORMATS = ("auto", "gsm8k", "spider", "code-search-net", "sharegpt", "jsonl", "generic")
-TOY_SOURCES = ("toy", "toy-math", "toy-code")
 _FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -214,11 +218,8 @@ def _rows(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[in
 
 
 def _tokenize_prompt(tokenizer, fmt: str, request: str, use_chat_template: bool) -> tuple[str, list[int]]:
-    if use_chat_template and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template(
-            [{"role": "user", "content": request}], tokenize=False, add_generation_prompt=True
-        )
-        return text, tokenizer(text, add_special_tokens=False)["input_ids"]
+    if use_chat_template and has_chat_template(tokenizer):
+        return encode_chat(tokenizer, [("user", request)])
     text = _PLAIN_TEMPLATES[fmt].format(request=request)
     return text, tokenizer(text)["input_ids"]
 
@@ -235,10 +236,6 @@ def _file_prompt_id(name: str, row: int) -> str:
 
 
 # -- entry points --------------------------------------------------------------------------------
-
-
-def is_toy_source(spec: str) -> bool:
-    return spec.partition(":")[0] in TOY_SOURCES
 
 
 def load_prompts(
@@ -259,8 +256,9 @@ def load_prompts(
     format or a file whose format cannot be detected, BadRowError for a bad row when `strict`."""
     if format not in FORMATS:
         raise ValueError(f"unknown prompt format {format!r}; choose from {', '.join(FORMATS)}")
-    if is_toy_source(spec):
-        examples = _toy_examples(spec, limit, tokenizer)
+    toy = parse_toy_name(spec)
+    if toy is not None:
+        examples = _toy_examples(toy.domain, toy.split, spec, limit, tokenizer)
     else:
         examples = _file_examples(spec, format, storage_options or {}, use_chat_template, tokenizer)
     records: list[PromptRecord] = []
@@ -287,14 +285,8 @@ def load_prompts(
     return records, bad_rows
 
 
-def _toy_examples(spec: str, limit: int | None, tokenizer) -> Iterator[PromptRecord]:
-    from cllm.toy import (
-        toy_prompts,  # local import: the toy module pulls in its training code
-    )
-
-    name, _, split = spec.partition(":")
-    domain = None if name == "toy" else name.split("-", 1)[1]
-    for row, item in enumerate(toy_prompts(split or "train", domain, limit=limit), start=1):
+def _toy_examples(domain: str, split: str, spec: str, limit: int | None, tokenizer) -> Iterator[PromptRecord]:
+    for row, item in enumerate(toy_prompts(split, domain, limit=limit), start=1):
         # Toy prompts carry their template already; encoding prepends BOS as in teacher training.
         yield PromptRecord(item.prompt_id, tokenizer(item.prompt)["input_ids"],
                            _label_ids(tokenizer, item.answer), item.prompt, item.answer, spec, row)
@@ -305,7 +297,7 @@ def _file_examples(
 ) -> Iterator[PromptRecord | BadRow]:
     filesystem, files, base = _expand(spec, options)
     for path in files:
-        source = path if _is_local(filesystem) else filesystem.unstrip_protocol(path)
+        source = display_path(filesystem, path)
         name = posixpath.relpath(path, base) if base else posixpath.basename(path)
         fmt = None if format == "auto" else format
         for row, parsed in _rows(filesystem, path):
@@ -331,8 +323,3 @@ def _file_examples(
             text, ids = _tokenize_prompt(tokenizer, fmt, example.request, use_chat_template)
             yield PromptRecord(_file_prompt_id(name, row), ids, _label_ids(tokenizer, example.answer),
                                text, example.answer, source, row)
-
-
-def _is_local(filesystem: fsspec.AbstractFileSystem) -> bool:
-    protocols = (filesystem.protocol,) if isinstance(filesystem.protocol, str) else filesystem.protocol
-    return "file" in protocols

@@ -19,6 +19,8 @@ from typing import Any
 
 import torch
 
+from cllm.data import TrajectoryRow
+from cllm.hf import eos_ids, pad_id
 from cllm.jacobi import jacobi_generate, pad_prompts
 
 
@@ -36,7 +38,7 @@ class CollectConfig:
 
 @dataclass
 class BatchResult:
-    rows: list[dict[str, Any]]
+    rows: list[TrajectoryRow]
     rejected: dict[str, str] = field(default_factory=dict)  # prompt_id -> reason
 
 
@@ -77,31 +79,33 @@ def block_rows(
     new_tokens: list[int],
     trajectories: list[list[list[int]]],
     iterations: list[int],
-    eos_ids: frozenset[int],
+    stop_ids: frozenset[int],
     model_name: str,
     config: CollectConfig,
     rng: random.Random,
-) -> list[dict[str, Any]]:
+) -> list[TrajectoryRow]:
     """One row per block of one prompt. Block b's prefix is the prompt plus the first b*n
     generated tokens; its fixed point is valid on min(n, tokens left) positions."""
     n = config.n_token
+    prompt_ids = list(prompt["prompt_ids"])
     rows = []
     for index, (states, forwards) in enumerate(zip(trajectories, iterations)):
         fixed_length = min(n, len(new_tokens) - index * n)
         if config.augment:
             states = augment_states(states, fixed_length, rng)
-        rows.append({
-            "prompt_id": prompt["prompt_id"],
-            "block_index": index,
-            "prefix_ids": list(prompt["prompt_ids"]) + new_tokens[: index * n],
-            "states": states,
-            "eos": any(token in eos_ids for token in states[-1][:fixed_length]),
-            "label_ids": prompt.get("label_ids"),
-            "model": model_name,
-            "n_token": n,
-            "fixed_length": fixed_length,
-            "iterations": forwards,
-        })
+        rows.append(TrajectoryRow(
+            prompt_id=prompt["prompt_id"],
+            block_index=index,
+            prompt_length=len(prompt_ids),
+            prefix_ids=prompt_ids + new_tokens[: index * n],
+            states=states,
+            eos=any(token in stop_ids for token in states[-1][:fixed_length]),
+            label_ids=prompt.get("label_ids"),
+            model=model_name,
+            n_token=n,
+            fixed_length=fixed_length,
+            iterations=forwards,
+        ))
     return rows
 
 
@@ -109,11 +113,6 @@ def batch_seed(seed: int, prompt_ids: Sequence[str]) -> int:
     """A seed fixed by the run seed and the batch's prompt ids, so retries reproduce a batch."""
     digest = hashlib.sha1("\0".join([str(seed), *prompt_ids]).encode()).digest()
     return int.from_bytes(digest[:8], "little")
-
-
-def _eos_ids(tokenizer) -> frozenset[int]:
-    eos = getattr(tokenizer, "eos_token_id", None)
-    return frozenset() if eos is None else frozenset([eos] if isinstance(eos, int) else eos)
 
 
 def collect_trajectories(
@@ -125,11 +124,22 @@ def collect_trajectories(
 ) -> BatchResult:
     """Decode `prompts` (mappings with `prompt_id`, `prompt_ids` and optional `label_ids`) as one
     left-padded batch and return their trajectory rows and the prompts dropped, with reasons."""
+    stop_ids = eos_ids(tokenizer, getattr(model, "generation_config", None))
+    return trajectory_rows(model, prompts, model_name, config, stop_ids, pad_id(tokenizer))
+
+
+def trajectory_rows(
+    model: torch.nn.Module,
+    prompts: Sequence[Mapping[str, Any]],
+    model_name: str,
+    config: CollectConfig,
+    stop_ids: frozenset[int] = frozenset(),
+    padding: int = 0,
+) -> BatchResult:
+    """`collect_trajectories` given the EOS ids and the pad id instead of a tokenizer."""
     if not prompts:
         return BatchResult(rows=[])
-    eos_ids = _eos_ids(tokenizer)
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids, default=0)
-    input_ids, attention_mask = pad_prompts([p["prompt_ids"] for p in prompts], pad_id)
+    input_ids, attention_mask = pad_prompts([p["prompt_ids"] for p in prompts], padding)
     seed = batch_seed(config.seed, [p["prompt_id"] for p in prompts])
     output = jacobi_generate(
         model,
@@ -137,8 +147,8 @@ def collect_trajectories(
         attention_mask,
         n_token=config.n_token,
         max_new_tokens=config.max_new_tokens,
-        eos_token_id=eos_ids or None,
-        pad_token_id=pad_id,
+        eos_token_id=stop_ids,
+        pad_token_id=padding,
         generator=torch.Generator().manual_seed(seed),
         return_trajectories=True,
     )
@@ -154,6 +164,6 @@ def collect_trajectories(
             result.rejected[prompt["prompt_id"]] = reason
             continue
         result.rows.extend(block_rows(
-            prompt, new_tokens, trajectories, stats.iterations_per_block, eos_ids, model_name, config, rng
+            prompt, new_tokens, trajectories, stats.iterations_per_block, stop_ids, model_name, config, rng
         ))
     return result

@@ -1,58 +1,63 @@
 """Collect Jacobi trajectories with Ray Data: prompts in, Parquet trajectory shards out.
 
     ray job submit --working-dir . -- python pipelines/collect.py \
-        --model toy --prompts toy:train --output runs/trajectories --limit 200
+        --model toy --prompts toy:train --output /abs/path/trajectories --limit 200
 
 Recipe: parse flags -> check the output and read the prompts (fail fast, before Ray starts) ->
-skip prompts already written (resume) -> Ray Data: a pool of generator actors, each holding the
-model, runs `cllm.trajectory.collect_trajectories` on batches -> write Parquet into a hidden
-staging directory -> validate, then move the shards into the output -> print a summary.
+skip prompts already written (resume) -> check the cluster can hold the actor pool -> Ray Data:
+a pool of generator actors, each holding the model, runs `cllm.trajectory.collect_trajectories`
+on batches and writes each batch's rows as one shard into a hidden staging directory -> validate,
+then move the shards into the output -> print a summary.
 
 Exactly once: generator actors restart after a crash and Ray Data retries their batch; decoding
-is seeded by the batch's prompt ids, so a retry reproduces the same rows. Shards become visible
-only by the final move, after their rows were checked for duplicates, so a crash never leaves a
-partial shard that readers take as data; a rerun then redoes only the prompts not yet written.
+is seeded by the batch's prompt ids and the shard is named after them, so a retry rewrites the
+same shard with the same rows. Shards become visible only by the final move, after their rows
+were checked for duplicates, so a crash never leaves a partial shard that readers take as data;
+a rerun then redoes only the prompts not yet written.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
 import os
 import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
-from pyarrow.fs import FSSpecHandler, PyFileSystem
-from ray.data.expressions import col
 
 from cllm.data import (
     TRAJECTORY_SCHEMA,
-    StorageError,
-    check_writable,
     commit_staged,
     new_staging_dir,
     read_prompt_ids,
-    resolve,
-    storage_options,
+    rows_to_table,
+    write_shard,
 )
-from cllm.models import load_model
-from cllm.models import load_tokenizer
+from cllm.hf import load_model, load_tokenizer, model_facts
+from cllm.progress import Progress
 from cllm.prompts import FORMATS, BadRow, PromptRecord, load_prompts
+from cllm.storage import StorageError, check_writable, resolve, storage_options
 from cllm.trajectory import CollectConfig, collect_trajectories
-from pipelines.common import init_ray
+from cllm_pipelines.common import Request, ResourceError, fault_marker, init_ray, require_resources
 
-REJECTED = "rejected_reason"  # extra column on generator output; dropped before writing
+# What each generator actor reports per prompt (its rows go straight to the staging directory).
+SUMMARY_SCHEMA = pa.schema([
+    pa.field("prompt_id", pa.string()),
+    pa.field("blocks", pa.int32()),
+    pa.field("tokens", pa.int32()),
+    pa.field("rejected_reason", pa.string()),
+])
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy", help="hub id, local directory, or toy / toy-math / toy-code")
+    parser.add_argument("--model", default="toy", help="hub id, local or s3:// directory, or toy / toy-math / toy-code")
     parser.add_argument("--prompts", default="toy:train",
                         help="file, directory, glob or s3:// URI, or toy[-math|-code][:train|:heldout]")
     parser.add_argument("--format", default="auto", choices=FORMATS)
@@ -61,57 +66,103 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="generation budget per prompt; prompt + budget must fit the model's context")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="generator actors (default: 2)")
     parser.add_argument("--gpus-per-worker", type=float, default=None,
                         help="default: 1 when the cluster has GPUs, else 0")
+    parser.add_argument("--wait-for-resources", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for an autoscaling cluster to fit the workers (default: fail at once)")
     parser.add_argument("--limit", type=int, default=None, help="read at most this many prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action="store_true", help="add half-corrected states (the paper's augmentation)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
-                        help="longer prompts are skipped (default: the tokenizer's context minus --max-new-tokens)")
+                        help="longer prompts are skipped (default: the model's context minus --max-new-tokens)")
     parser.add_argument("--min-loop-tokens", type=int, default=CollectConfig.min_loop_tokens,
                         help="drop outputs looping a short pattern over this many tokens (0: keep all)")
     parser.add_argument("--s3-endpoint", default=None, help="endpoint URL of an S3-compatible store")
     parser.add_argument("--no-resume", action="store_true", help="collect every prompt even if already written")
     parser.add_argument("--strict", action="store_true", help="a bad input row is fatal")
-    # Testing aid for the reliability test: the first actor to start its second batch creates
-    # this file and dies, once, to show that a crashed actor's batch is retried exactly once.
-    parser.add_argument("--fault-marker", default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
 
-def prompt_budget(tokenizer, max_new_tokens: int) -> int | None:
-    """The longest prompt the model's context leaves room for, when the tokenizer knows it."""
-    context = getattr(tokenizer, "model_max_length", None)
-    if not context or context >= 1_000_000:  # transformers' placeholder for "unknown"
+def prompt_budget(context_length: int | None, max_new_tokens: int) -> int | None:
+    """The longest prompt the model's context leaves room for, when the context is known."""
+    if context_length is None:
         return None
-    if max_new_tokens >= context:
+    if max_new_tokens >= context_length:
         raise ValueError(f"--max-new-tokens {max_new_tokens} leaves no room for a prompt in the model's "
-                         f"{context}-token context; lower it or set --max-prompt-tokens")
-    return context - max_new_tokens
+                         f"{context_length}-token context; lower it or set --max-prompt-tokens")
+    return context_length - max_new_tokens
+
+
+def shard_name(prompt_ids: list[str]) -> str:
+    """A batch's shard name, fixed by its prompts: a retried batch overwrites its own shard."""
+    return hashlib.sha1("\0".join(prompt_ids).encode()).hexdigest()[:24] + ".parquet"
 
 
 class TrajectoryCollector:
-    """Ray Data generator UDF: loads the model once per actor, then turns each batch of prompts
-    into trajectory rows (and one row per rejected prompt, marked in REJECTED)."""
+    """Ray Data UDF: loads the model once per actor, then decodes each batch of prompts, writes
+    the batch's trajectory rows as one staged shard and returns one summary row per prompt."""
 
-    def __init__(self, model_name: str, config: CollectConfig, fault_marker: str | None = None):
+    def __init__(self, model_name: str, config: CollectConfig, staging: str, options: dict[str, Any],
+                 fault_marker: str | None = None):
         self.model, self.tokenizer = load_model(model_name)
-        self.model_name = model_name
-        self.config = config
+        self.model_name, self.config = model_name, config
+        self.filesystem, self.staging = resolve(staging, options)
         self.fault_marker = fault_marker
         self.batches = 0
 
-    def __call__(self, batch: pa.Table) -> Iterator[pa.Table]:
+    def __call__(self, batch: pa.Table) -> pa.Table:
         self.batches += 1
         if self.fault_marker and self.batches == 2 and not os.path.exists(self.fault_marker):
-            open(self.fault_marker, "w").close()
+            open(self.fault_marker, "w").close()  # tests: die once, so the batch is retried
             os._exit(1)
         prompts = batch.to_pylist()
         result = collect_trajectories(self.model, self.tokenizer, prompts, self.model_name, self.config)
-        rows = [{**row, REJECTED: None} for row in result.rows]
-        rows += [{"prompt_id": prompt_id, REJECTED: reason} for prompt_id, reason in result.rejected.items()]
-        yield pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA.append(pa.field(REJECTED, pa.string())))
+        if result.rows:
+            name = shard_name([prompt["prompt_id"] for prompt in prompts])
+            write_shard(rows_to_table(result.rows), f"{self.staging}/{name}", self.filesystem)
+        blocks, tokens = Counter(), Counter()
+        for row in result.rows:
+            blocks[row.prompt_id] += 1
+            tokens[row.prompt_id] += row.fixed_length
+        summary = [{"prompt_id": p["prompt_id"], "blocks": blocks[p["prompt_id"]], "tokens": tokens[p["prompt_id"]],
+                    "rejected_reason": result.rejected.get(p["prompt_id"])} for p in prompts]
+        return pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)
+
+
+def collect(todo: list[PromptRecord], args: argparse.Namespace, config: CollectConfig, staging: str,
+            options: dict, gpus: float) -> dict[str, str]:
+    """Run the Ray Data job, printing one progress line. Returns the prompts the cleaning
+    rejected, with reasons."""
+    import ray
+
+    items = [{"prompt_id": r.prompt_id, "prompt_ids": r.prompt_ids, "label_ids": r.label_ids} for r in todo]
+    summaries = ray.data.from_items(
+        items, override_num_blocks=min(math.ceil(len(items) / args.batch_size), 1000)
+    ).map_batches(
+        TrajectoryCollector,
+        fn_constructor_kwargs={"model_name": args.model, "config": config, "staging": staging, "options": options,
+                               "fault_marker": fault_marker()},
+        batch_size=args.batch_size,
+        batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=args.workers),
+        num_cpus=1,
+        num_gpus=gpus,
+        # Exactly-once output relies on Ray Data's defaults for actor pools: a dead actor is
+        # restarted (max_restarts=-1) and its batches retried (max_task_retries=-1).
+    )
+    progress = Progress("collect", len(items), unit="prompts", stream=sys.stdout)
+    rejected: dict[str, str] = {}
+    done = blocks = tokens = 0
+    for batch in summaries.iter_batches(batch_size=None, batch_format="pyarrow"):
+        done += batch.num_rows
+        blocks += pc.sum(batch.column("blocks")).as_py() or 0
+        tokens += pc.sum(batch.column("tokens")).as_py() or 0
+        for row in batch.filter(pc.is_valid(batch.column("rejected_reason"))).to_pylist():
+            rejected[row["prompt_id"]] = row["rejected_reason"]
+        progress.update(done, f"{blocks} blocks, {tokens} tokens, {len(rejected)} rejected")
+    progress.close()
+    return rejected
 
 
 @dataclass
@@ -152,36 +203,6 @@ class Summary:
             print(f"mean iterations/block: {iterations:.2f}")
 
 
-def collect(todo: list[PromptRecord], args: argparse.Namespace, config: CollectConfig, staging: str,
-            options: dict) -> dict[str, str]:
-    """Run the Ray Data job: generator actors turn `todo` into rows staged under `staging`.
-    Returns the prompts the cleaning rejected, with reasons."""
-    gpus = args.gpus_per_worker
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    items = [{"prompt_id": r.prompt_id, "prompt_ids": r.prompt_ids, "label_ids": r.label_ids} for r in todo]
-    generated = ray.data.from_items(
-        items, override_num_blocks=min(math.ceil(len(items) / args.batch_size), 1000)
-    ).map_batches(
-        TrajectoryCollector,
-        fn_constructor_kwargs={"model_name": args.model, "config": config, "fault_marker": args.fault_marker},
-        batch_size=args.batch_size,
-        batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=args.workers),
-        num_cpus=1,
-        num_gpus=gpus,
-        # Exactly-once output relies on Ray Data's defaults for actor pools: a dead actor is
-        # restarted (max_restarts=-1) and its batches retried (max_task_retries=-1).
-    ).materialize()  # generate once, then split into rejections and rows to write
-
-    rejections = generated.filter(expr=col(REJECTED).is_not_null()).select_columns(["prompt_id", REJECTED])
-    filesystem, path = resolve(staging, options)
-    generated.filter(expr=col(REJECTED).is_null()).drop_columns([REJECTED]).write_parquet(
-        path, filesystem=PyFileSystem(FSSpecHandler(filesystem))
-    )
-    return {row["prompt_id"]: row[REJECTED] for row in rejections.take_all()}
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if "://" not in args.output:  # say exactly where a local output lands (a job runs elsewhere)
@@ -190,13 +211,15 @@ def main(argv: list[str] | None = None) -> int:
     config = CollectConfig(n_token=args.n_token, max_new_tokens=args.max_new_tokens, seed=args.seed,
                            augment=args.augment, min_loop_tokens=args.min_loop_tokens)
 
-    # Fail fast: the output, the model's tokenizer and the prompts are checked before Ray starts.
+    # Fail fast: the output, the model and the prompts are checked before Ray starts.
     try:
+        if args.workers < 1 or args.batch_size < 1:
+            raise ValueError("--workers and --batch-size must be >= 1")
         check_writable(args.output, options)
-        tokenizer = load_tokenizer(args.model)
+        facts = model_facts(args.model)
         records, bad_rows = load_prompts(
-            args.prompts, tokenizer, format=args.format, limit=args.limit, strict=args.strict,
-            max_prompt_tokens=args.max_prompt_tokens or prompt_budget(tokenizer, args.max_new_tokens),
+            args.prompts, load_tokenizer(args.model), format=args.format, limit=args.limit, strict=args.strict,
+            max_prompt_tokens=args.max_prompt_tokens or prompt_budget(facts.context_length, args.max_new_tokens),
             storage_options=options,
         )
     except (StorageError, FileNotFoundError, ValueError, OSError) as error:
@@ -206,15 +229,25 @@ def main(argv: list[str] | None = None) -> int:
     existing = set() if args.no_resume else read_prompt_ids(args.output, options)
     todo = [record for record in records if record.prompt_id not in existing]
     print(f"{len(records)} prompts accepted, {len(bad_rows)} bad rows, "
-          f"{len(records) - len(todo)} already written, {len(todo)} to collect")
+          f"{len(records) - len(todo)} already written, {len(todo)} to collect", flush=True)
 
     started = time.monotonic()
     rejected: dict[str, str] = {}
     written = TRAJECTORY_SCHEMA.empty_table()
     if todo:
+        import ray
+
+        init_ray(min_logical_cpus=args.workers)
+        gpus = args.gpus_per_worker
+        if gpus is None:
+            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+        try:
+            require_resources(Request("--workers", args.workers, cpus=1, gpus=gpus), args.wait_for_resources)
+        except ResourceError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 2
         staging = new_staging_dir(args.output)
-        init_ray(min_logical_cpus=args.workers + 2)  # room for the writes beside the actors
-        rejected = collect(todo, args, config, staging, options)
+        rejected = collect(todo, args, config, staging, options, gpus)
         written = commit_staged(staging, args.output, options, existing)
     Summary(
         prompts_read=len(records) + len(bad_rows), bad_rows=bad_rows, already_written=len(records) - len(todo),

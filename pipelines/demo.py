@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from cllm.models import load_model
+from cllm.hf import load_model
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -103,7 +103,8 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser.add_argument("--output", default="runs/demo", help="artifact directory (default: runs/demo)")
     parser.add_argument("--model", default="toy", help="teacher: toy name, hub id or local directory (default: toy)")
     parser.add_argument("--train-prompts", default="toy:train", help="prompts to collect on (default: toy:train)")
-    parser.add_argument("--heldout-prompts", default="toy:heldout", help="prompts to evaluate on (default: toy:heldout)")
+    parser.add_argument("--heldout-prompts", default="toy:heldout",
+                        help="prompts to evaluate on (default: toy:heldout)")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers for collect and train (default: 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

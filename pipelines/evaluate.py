@@ -19,23 +19,19 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cllm.evaluation import (
-    REPORT_MD,
     Contender,
     DecodeSettings,
     ModelEvaluation,
     ReportRow,
     RunResult,
     compare_decoding,
-    exact_answer_metric,
-    heldout_loss,
-    markdown_table,
     score_task,
-    toy_task_domain,
-    visible_token,
-    write_report,
+    task_metric,
 )
-from cllm.models import load_model
+from cllm.hf import eos_ids, load_model, pad_id
+from cllm.metrics import answer_loss
 from cllm.prompts import PromptRecord, load_prompts
+from cllm.report import REPORT_MD, markdown_table, visible_token, write_report
 
 
 @dataclass
@@ -73,7 +69,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
                         help="Jacobi block sizes to evaluate (default: 16)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--limit", type=int, default=64, help="number of prompts (default: 64; 0 for all)")
-    parser.add_argument("--batch-size", type=int, default=1, help="prompts decoded together (default: 1, as in the paper)")
+    parser.add_argument("--batch-size", type=int, default=1,
+                        help="prompts decoded together (default: 1, as in the paper)")
     parser.add_argument("--output", default="runs/evaluate", help="report directory (default: runs/evaluate)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the Jacobi initial guesses")
     parser.add_argument("--repeats", type=int, default=3,
@@ -109,7 +106,7 @@ def load(name: str, path: str, config: EvaluateConfig) -> LoadedModel:
     print(f"[{name}] {path}: {len(records)} prompts", file=sys.stderr, flush=True)
     contender = Contender(
         name, model, [list(record.prompt_ids) for record in records],
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id or 0,
+        eos_token_ids=eos_ids(tokenizer, model.generation_config), pad_token_id=pad_id(tokenizer),
     )
     return LoadedModel(contender, tokenizer, records)
 
@@ -125,9 +122,11 @@ def measure_quality(loaded: LoadedModel, runs: list[RunResult], config: Evaluate
         contender.name, runs, token_text=lambda token: visible_token(tokenizer.decode([token]))
     )
     labels = [record.label_ids for record in records]
-    evaluation.heldout_loss = heldout_loss(contender.model, contender.prompts, labels, batch_size=max(config.batch_size, 8))
+    evaluation.heldout_loss = answer_loss(
+        contender.model, contender.prompts, labels, batch_size=max(config.batch_size, 8)
+    )
     references = [record.answer for record in records]
-    score_task(evaluation, exact_answer_metric(toy_task_domain(config.prompts), decode, references))
+    score_task(evaluation, task_metric(config.prompts, decode, references))
     return evaluation
 
 

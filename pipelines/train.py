@@ -3,9 +3,10 @@
     ray job submit --working-dir . -- python pipelines/train.py \
         --model toy --trajectories runs/demo/trajectories --output runs/demo/cllm
 
-Recipe: parse flags -> check the inputs (shards, schema, vocab, DeepSpeed config; before any
-worker starts) -> Ray Data reads the shards, a TorchTrainer runs `train_loop` on every worker ->
-print the summary. Each worker wraps the model in `deepspeed.initialize`, collates its data shard
+Recipe: parse flags -> check the inputs (shard footers, schema, vocab, DeepSpeed config; before
+any worker starts) -> check the cluster can hold the workers -> Ray Data reads the shards (before
+the workers take their CPUs, so ingest never waits for one), a TorchTrainer runs `train_loop`
+on every worker -> print the summary. Each worker wraps the model in `deepspeed.initialize`, collates its data shard
 with `cllm.collate` and optimises `cllm.losses` (consistency + w·AR). Checkpoints are DeepSpeed
 checkpoints reported to Ray Train under <output>/train; a rerun with the same --output or a
 worker failure (FailureConfig) resumes from the latest one. The end result is a plain Hugging
@@ -25,7 +26,6 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import ray
 import ray.train
 import torch
@@ -33,14 +33,15 @@ from pyarrow.fs import FSSpecHandler, PyFileSystem
 from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
-from transformers import AutoConfig, AutoTokenizer
 
 from cllm.collate import batch_tokens, collate
-from cllm.data import list_shards, read_trajectories, resolve, storage_options
+from cllm.data import ROW_FIELDS, TrajectoryFormatError, TrajectoryRow, summarize_shards
+from cllm.hf import load_model, model_facts
 from cllm.losses import AR_TARGETS, DISTANCES, LOSS_KINDS, LossConfig, compute_losses
-from cllm.models import TOY_NAMES, load_model
+from cllm.progress import Progress
 from cllm.schedule import warmup_cosine
-from pipelines.common import init_ray
+from cllm.storage import resolve, storage_options
+from cllm_pipelines.common import Request, ResourceError, fault_marker, init_ray, require_resources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DEEPSPEED = os.path.join(REPO_ROOT, "cluster", "deepspeed", "zero2.json")
@@ -50,7 +51,6 @@ DEFAULT_DEEPSPEED = os.path.join(REPO_ROOT, "cluster", "deepspeed", "zero2.json"
 REPORT_POLL_INTERVAL_S = "0.1"
 RUN_NAME = "train"  # Ray Train run directory under --output; a rerun with the same output resumes it
 LR_SCHEDULES = ("cosine", "constant")
-TRAINING_COLUMNS = ["prompt_id", "block_index", "prefix_ids", "states", "label_ids", "n_token", "fixed_length"]
 
 
 class InputError(ValueError):
@@ -78,15 +78,19 @@ class TrainSettings:
     seed: int
     checkpoint_every: int
     pad_token_id: int
-    fault_marker: str | None
+    gradient_checkpointing: bool = False
+    verbose: bool = False  # a line per optimizer step instead of a progress line
+    fault_marker: str | None = None  # tests only (cllm_pipelines.common.fault_marker)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy", help="hub id, local directory, or toy / toy-math / toy-code")
+    parser.add_argument("--model", default="toy", help="hub id, local or s3:// directory, or toy / toy-math / toy-code")
     parser.add_argument("--trajectories", default="runs/demo/trajectories", help="shard directory or s3:// URI")
     parser.add_argument("--output", default="runs/demo/cllm", help="directory or s3:// URI (checkpoints, hf/)")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=2, help="training workers, one CPU (or GPU) each")
+    parser.add_argument("--wait-for-resources", type=float, default=0.0, metavar="SECONDS",
+                        help="wait this long for an autoscaling cluster to fit the workers (default: fail at once)")
     parser.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
                         help="auto: use GPUs when the cluster has them")
     parser.add_argument("--deepspeed", default=DEFAULT_DEEPSPEED, help="DeepSpeed JSON config (ZeRO stage, ...)")
@@ -107,10 +111,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
     parser.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                         help="train every state of a block in one forward (default) or one sampled state")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute activations in the backward pass: less memory, about a third more compute")
     parser.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
     parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, moto, ...)")
-    parser.add_argument("--fault-marker", default=None,
-                        help="testing: after the first checkpoint one worker creates this file and raises, once")
+    parser.add_argument("--verbose", action="store_true", help="print every optimizer step, not a progress line")
     return parser.parse_args(argv)
 
 
@@ -129,45 +134,27 @@ def read_deepspeed_config(path: str) -> dict:
     return config
 
 
-def check_trajectories(uri: str, options: dict, vocab_size: int, ar_target: str) -> tuple[list[str], pa.Table]:
-    """The shard paths and their rows, after checking there are rows, that every shard follows the
-    schema (cllm.data validates each), that one block size is used, and that ids fit the model."""
+def check_trajectories(uri: str, options: dict, vocab_size: int, ar_target: str) -> tuple[list[str], int]:
+    """The shard paths and their row count, after checking, from the Parquet footers only, that
+    there are rows, that every shard follows the schema, that one block size is used, and that
+    the token ids fit the model."""
     try:
-        table = read_trajectories(uri, storage_options=options, columns=TRAINING_COLUMNS)
-    except FileNotFoundError as error:
+        summary = summarize_shards(uri, options)
+    except (FileNotFoundError, TrajectoryFormatError) as error:
         raise InputError(str(error)) from error
-    if table.num_rows == 0:
+    if summary.rows == 0 or summary.n_token_range is None:
         raise InputError(f"the trajectory shards under {uri} hold no rows")
-    block_sizes = pc.unique(table.column("n_token")).to_pylist()
-    if len(block_sizes) != 1:
-        raise InputError(f"the trajectories mix block sizes {sorted(block_sizes)}; train one n_token at a time")
-    largest = max(
-        pc.max(pc.list_flatten(table.column("prefix_ids"))).as_py() or 0,
-        pc.max(pc.list_flatten(pc.list_flatten(table.column("states")))).as_py() or 0,
-        pc.max(pc.list_flatten(table.column("label_ids"))).as_py() or 0,
-    )
-    if largest >= vocab_size:
+    smallest, largest_block = summary.n_token_range
+    if smallest != largest_block:
+        raise InputError(f"the trajectories mix block sizes {smallest}..{largest_block}; train one n_token at a time")
+    if summary.max_token_id >= vocab_size:
         raise InputError(
-            f"the trajectories hold token id {largest}, but the model's vocabulary has {vocab_size} ids: "
+            f"the trajectories hold token id {summary.max_token_id}, but the model's vocabulary has {vocab_size} ids: "
             "were they collected with another model?"
         )
-    if ar_target == "labels" and table.column("label_ids").null_count:
-        raise InputError(f"--ar-target labels, but {table.column('label_ids').null_count} rows have no label_ids")
-    filesystem, path = resolve(uri, options)
-    return list_shards(filesystem, path), table
-
-
-def model_facts(name: str) -> tuple[int, int]:
-    """(vocabulary size, pad id) of the model to train, read without loading its weights (the toy
-    teacher is tiny, and loading it builds it once if needed)."""
-    if name in TOY_NAMES:
-        model, tokenizer = load_model(name, device="cpu")
-        vocab_size = model.get_input_embeddings().weight.shape[0]
-    else:
-        vocab_size = AutoConfig.from_pretrained(name).get_text_config().vocab_size
-        tokenizer = AutoTokenizer.from_pretrained(name)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    return vocab_size, int(pad or 0)
+    if ar_target == "labels" and summary.rows_without_labels:
+        raise InputError(f"--ar-target labels, but {summary.rows_without_labels} rows have no label_ids")
+    return summary.shards, summary.rows
 
 
 # -- the per-worker training loop -----------------------------------------------------------
@@ -181,11 +168,12 @@ class TrajectoryCollate(ArrowBatchCollateFn):
         self.rng = random.Random(seed)
 
     def __call__(self, batch: pa.Table):
-        return collate(batch.to_pylist(), self.pad_token_id, packed=self.packed, labels=self.labels, rng=self.rng)
+        rows = [TrajectoryRow.from_mapping(row) for row in batch.to_pylist()]
+        return collate(rows, self.pad_token_id, packed=self.packed, labels=self.labels, rng=self.rng)
 
 
 @dataclass
-class Progress:
+class TrainState:
     """Where training stands; saved in every checkpoint."""
 
     epoch: int = 0
@@ -211,9 +199,16 @@ def worker_print(message: str) -> None:
     sys.stdout.flush()
 
 
+def step_reporter(settings: TrainSettings) -> Progress | None:
+    """Rank 0's progress line (None with --verbose, which prints every step instead)."""
+    if settings.verbose:
+        return None
+    return Progress("train", settings.total_steps, unit="steps", stream=sys.stdout)
+
+
 def lr_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
     """The schedule as a multiplier of --lr per optimizer step. The cosine decay matters: at a
-    constant rate the CLLM lost accuracy that the same run with a decay kept."""
+    constant rate the CLLM keeps less of the teacher's accuracy."""
     if settings.lr_schedule == "constant":
         return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
     return torch.optim.lr_scheduler.LambdaLR(
@@ -240,6 +235,8 @@ def train_loop(config: dict[str, Any]) -> None:
     torch.manual_seed(settings.seed)
 
     model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32)
+    if settings.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings.lr, fused=use_gpu)
     # DeepSpeed steps the scheduler with the optimizer and keeps its state in checkpoints
@@ -248,20 +245,21 @@ def train_loop(config: dict[str, Any]) -> None:
         config=engine_config(settings, world_size, use_gpu),
     )
 
-    progress, resumed = Progress(), False
+    state, resumed = TrainState(), False
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             _, client_state = engine.load_checkpoint(directory)
-        progress, resumed = Progress(**client_state["progress"]), True
+        state, resumed = TrainState(**client_state["progress"]), True
         if rank == 0:
-            worker_print(f"resuming from the checkpoint at step {progress.step}")
+            worker_print(f"resuming from the checkpoint at step {state.step}")
 
     shard = ray.train.get_dataset_shard("train")
     meter = StepMeter(device, settings.loss.ar_weight)
-    checkpointed_step, metrics = progress.step, {}
-    done = settings.max_steps is not None and progress.step >= settings.max_steps
-    for epoch in range(progress.epoch, settings.epochs):
+    reporter = step_reporter(settings) if rank == 0 else None
+    checkpointed_step, metrics = state.step, {}
+    done = settings.max_steps is not None and state.step >= settings.max_steps
+    for epoch in range(state.epoch, settings.epochs):
         if done:
             break
         collate_fn = TrajectoryCollate(
@@ -273,34 +271,48 @@ def train_loop(config: dict[str, Any]) -> None:
             local_shuffle_buffer_size=4 * settings.batch_size, local_shuffle_seed=settings.seed + epoch,
         )
         for index, batch in enumerate(batches):
-            if epoch == progress.epoch and index < progress.batches_in_epoch:
+            if epoch == state.epoch and index < state.batches_in_epoch:
                 continue  # trained before the restart
             steps_before = engine.global_steps
             output = compute_losses(engine, batch.to(device), settings.loss)
             engine.backward(output.loss)
             engine.step()
             meter.add(batch, output)
-            progress = Progress(epoch=epoch, batches_in_epoch=index + 1, step=engine.global_steps)
-            if progress.step == steps_before:
+            state = TrainState(epoch=epoch, batches_in_epoch=index + 1, step=engine.global_steps)
+            if state.step == steps_before:
                 continue  # still accumulating gradients
-            metrics = meter.step_metrics(progress, optimizer.param_groups[0]["lr"])
+            metrics = meter.step_metrics(state, optimizer.param_groups[0]["lr"])
             if rank == 0:
-                worker_print(format_metrics(metrics, settings.total_steps))
-            done = settings.max_steps is not None and progress.step >= settings.max_steps
-            if progress.step % settings.checkpoint_every == 0 or done:
-                save_checkpoint(engine, progress, metrics)
-                checkpointed_step = progress.step
+                report_step(reporter, metrics, settings.total_steps)
+            done = settings.max_steps is not None and state.step >= settings.max_steps
+            if state.step % settings.checkpoint_every == 0 or done:
+                save_checkpoint(engine, state, metrics)
+                checkpointed_step = state.step
                 maybe_inject_fault(settings.fault_marker, rank, resumed)
             else:
                 ray.train.report(metrics)
             if done:
                 break
         else:
-            progress = Progress(epoch=epoch + 1, batches_in_epoch=0, step=engine.global_steps)
-    if progress.step != checkpointed_step:  # the final state, unless just saved
-        save_checkpoint(engine, progress, metrics)
+            state = TrainState(epoch=epoch + 1, batches_in_epoch=0, step=engine.global_steps)
+    if state.step != checkpointed_step:  # the final state, unless just saved
+        save_checkpoint(engine, state, metrics)
+    if reporter is not None:
+        reporter.close(summary_line(metrics, settings.total_steps) if metrics else "nothing left to train")
 
     export_model(engine, tokenizer, settings, rank)
+
+
+def summary_line(metrics: dict[str, float], total_steps: int) -> str:
+    return (f"finished step {metrics['step']} of {total_steps}: loss {metrics['loss']:.4f} (consistency "
+            f"{metrics['consistency_loss']:.4f}, AR {metrics['ar_loss']:.4f}), {metrics['states_per_s']:.1f} states/s")
+
+
+def report_step(reporter: Progress | None, metrics: dict[str, float], total_steps: int) -> None:
+    if reporter is None:
+        worker_print(format_metrics(metrics, total_steps))
+    else:
+        reporter.update(metrics["step"], f"loss {metrics['loss']:.4f} states/s {metrics['states_per_s']:.1f}")
 
 
 class StepMeter:
@@ -322,7 +334,7 @@ class StepMeter:
             output.ar.total.item(), output.ar.tokens.item(),
         ], dtype=torch.float64)
 
-    def step_metrics(self, progress: Progress, lr: float) -> dict[str, float]:
+    def step_metrics(self, state: TrainState, lr: float) -> dict[str, float]:
         totals = self.sums.to(self.device)
         if torch.distributed.is_initialized():
             torch.distributed.all_reduce(totals)
@@ -332,8 +344,8 @@ class StepMeter:
         self._reset()
         consistency_loss, ar_loss = consistency / max(consistency_tokens, 1), ar / max(ar_tokens, 1)
         return {
-            "step": progress.step,
-            "epoch": progress.epoch,
+            "step": state.step,
+            "epoch": state.epoch,
             "loss": consistency_loss + self.ar_weight * ar_loss,
             "consistency_loss": consistency_loss,
             "ar_loss": ar_loss,
@@ -346,20 +358,21 @@ class StepMeter:
 
 def format_metrics(metrics: dict[str, float], total_steps: int) -> str:
     return (
-        f"step {metrics['step']}/{total_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} consistency {metrics['consistency_loss']:.4f} "
-        f"ar {metrics['ar_loss']:.4f} samples/s {metrics['samples_per_s']:.2f} tokens/s {metrics['tokens_per_s']:.0f} "
+        f"step {metrics['step']}/{total_steps} epoch {metrics['epoch']} loss {metrics['loss']:.4f} "
+        f"consistency {metrics['consistency_loss']:.4f} ar {metrics['ar_loss']:.4f} "
+        f"samples/s {metrics['samples_per_s']:.2f} tokens/s {metrics['tokens_per_s']:.0f} "
         f"states/s {metrics['states_per_s']:.2f} lr {metrics['lr']:.2e}"
     )
 
 
-def save_checkpoint(engine, progress: Progress, metrics: dict[str, float]) -> None:
+def save_checkpoint(engine, state: TrainState, metrics: dict[str, float]) -> None:
     """Every worker writes its DeepSpeed shards to a local directory and reports it; Ray Train
     merges them into one checkpoint in storage."""
     with tempfile.TemporaryDirectory() as directory:
-        engine.save_checkpoint(directory, tag=f"step_{progress.step}", client_state={"progress": asdict(progress)})
+        engine.save_checkpoint(directory, tag=f"step_{state.step}", client_state={"progress": asdict(state)})
         ray.train.report(
             metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-            checkpoint_dir_name=f"checkpoint_step_{progress.step:08d}",
+            checkpoint_dir_name=f"checkpoint_step_{state.step:08d}",
         )
 
 
@@ -369,7 +382,7 @@ def maybe_inject_fault(marker: str | None, rank: int, resumed: bool) -> None:
         return
     with open(marker, "w") as handle:
         handle.write("injected\n")
-    raise RuntimeError(f"injected worker failure (--fault-marker {marker})")
+    raise RuntimeError(f"injected worker failure ({marker})")
 
 
 def export_model(engine, tokenizer, settings: TrainSettings, rank: int) -> None:
@@ -410,34 +423,43 @@ def main(argv: list[str] | None = None) -> int:
 
     # Fail fast: everything that can be checked without the cluster is checked here.
     try:
-        deepspeed_config = read_deepspeed_config(args.deepspeed)
-        vocab_size, pad_token_id = model_facts(args.model)
-        shards, table = check_trajectories(args.trajectories, options, vocab_size, args.ar_target)
-        loss = LossConfig(kind=args.loss, distance=args.distance, ar_weight=args.ar_weight, ar_target=args.ar_target)
         if args.workers < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.checkpoint_every < 1:
             raise InputError("--workers, --batch-size, --grad-accum and --checkpoint-every must be >= 1")
         if not 0 <= args.warmup_fraction < 1:
             raise InputError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
-        if table.num_rows < args.workers * args.batch_size:
-            raise InputError(f"{table.num_rows} rows cannot fill a batch of {args.batch_size} on {args.workers} workers")
+        deepspeed_config = read_deepspeed_config(args.deepspeed)
+        facts = model_facts(args.model)
+        shards, rows = check_trajectories(args.trajectories, options, facts.vocab_size, args.ar_target)
+        loss = LossConfig(kind=args.loss, distance=args.distance, ar_weight=args.ar_weight, ar_target=args.ar_target)
+        if rows < args.workers * args.batch_size:
+            raise InputError(f"{rows} rows cannot fill a batch of {args.batch_size} on {args.workers} workers")
     except (InputError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{table.num_rows} trajectory rows in {len(shards)} shards; model {args.model} (vocab {vocab_size})")
+    print(f"{rows} trajectory rows in {len(shards)} shards; model {args.model} (vocab {facts.vocab_size})", flush=True)
 
     settings = TrainSettings(
         model=args.model, output=output, s3_endpoint=args.s3_endpoint, deepspeed_config=deepspeed_config,
         loss=loss, packed=args.packed, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
-        lr_schedule=args.lr_schedule, warmup_fraction=args.warmup_fraction, total_steps=total_steps(table.num_rows, args),
+        lr_schedule=args.lr_schedule, warmup_fraction=args.warmup_fraction, total_steps=total_steps(rows, args),
         batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, pad_token_id=pad_token_id, fault_marker=args.fault_marker,
+        checkpoint_every=args.checkpoint_every, pad_token_id=facts.pad_id,
+        gradient_checkpointing=args.gradient_checkpointing, verbose=args.verbose, fault_marker=fault_marker(),
     )
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
-    init_ray(min_logical_cpus=args.workers + 2)  # room for Ray Data's tasks beside the workers
+    init_ray(min_logical_cpus=args.workers)
     use_gpu = args.use_gpu == "yes" or (args.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+    try:
+        require_resources(Request("--workers", args.workers, cpus=1, gpus=1 if use_gpu else 0), args.wait_for_resources)
+    except ResourceError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     data_filesystem, _ = ray_filesystem(args.trajectories, options)
-    dataset = ray.data.read_parquet(shards, filesystem=data_filesystem).select_columns(TRAINING_COLUMNS)
+    # Read now, while no worker holds a CPU: Ray Data excludes the training workers' resources
+    # from its own budget, so on a cluster whose CPUs all go to workers a streaming read would
+    # wait forever. Trajectories are small next to the model, so the object store holds them.
+    dataset = ray.data.read_parquet(shards, filesystem=data_filesystem).select_columns(list(ROW_FIELDS)).materialize()
     storage_filesystem, storage_path = ray_filesystem(output, options)
     trainer = TorchTrainer(
         train_loop,

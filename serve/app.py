@@ -4,417 +4,22 @@ dynamically batched Jacobi decoder.
     serve run serve.app:build_app model=<dir|hub id|toy> num_gpus=0      # builder arguments
     serve run serve/config.yaml                                           # the same, from YAML
 
-Two deployments. `OpenAIIngress` is light (HTTP, auth, validation, SSE); `Decoder` holds the
-model, batches the requests that reach its replica and autoscales on ongoing requests. Keeping
-them apart lets the model replicas scale (and sit on GPUs) independently of the HTTP layer, and
-lets the ingress answer 503 in OpenAI's shape when the decoders' queue is full.
-
-Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions. With the environment variable CLLM_API_KEY set (in the ingress
-replicas' environment), every /v1 route wants `Authorization: Bearer <key>`.
+The package installs as `cllm_serve` (`cllm_serve.app:build_app` works from anywhere); the
+deployments live in `cllm_serve.ingress` and `cllm_serve.decoder`, so replicas import them from
+the installed package whichever name the application was built under.
 """
 
 # No `from __future__ import annotations` here: Serve reads the builder's parameter annotation
 # at run time to turn `key=value` arguments into `BuilderArgs`.
 
-import asyncio
-import hmac
-import json
-import logging
-import os
-import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
-from typing import Any, Literal
-
+import ray
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, Field, ValidationError
+from pydantic import BaseModel, Field
 from ray import serve
-from ray.exceptions import RayActorError, RayTaskError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from serve.batching import Accepted, Event, Failed, Finished, Rejected, TextDelta
-from serve.decoder import Decoder, DecodeRequest, DecoderSettings, Mode
-from serve.metrics import ingress_metrics
-from serve.openai_api import (
-    ApiError,
-    ChatCompletionRequest,
-    CompletionRequest,
-    Usage,
-    chat_body,
-    chat_chunk,
-    completion_body,
-    completion_chunk,
-    from_validation_error,
-    model_card,
-    models_body,
-    new_id,
-    now,
-    usage_chunk,
-)
-
-logger = logging.getLogger("ray.serve")
-
-API_KEY_ENV = "CLLM_API_KEY"
-KNOWN_ROUTES = frozenset({"/health", "/v1/models", "/v1/completions", "/v1/chat/completions"})
-
-
-class IngressSettings(BaseModel):
-    served_model_name: str
-    max_body_bytes: int = Field(default=1_000_000, ge=1)
-
-
-# -- per-request observation: metrics and one log line -----------------------------------------
-
-
-class RequestObserver:
-    """Pure ASGI middleware: counts each request by route and status, times it to its last byte
-    (streams included) and logs one line without any prompt text. A client that disconnects is
-    recorded as 499. (Starlette's `BaseHTTPMiddleware` would get in the way of streaming and
-    cancellation, hence plain ASGI.)"""
-
-    def __init__(self, app: ASGIApp):
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.monotonic()
-        status = 500  # what the client gets if the app raises before answering
-
-        async def observed_send(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed_send)
-        except asyncio.CancelledError:
-            status = 499
-            raise
-        finally:
-            self._record(scope, status, time.monotonic() - started)
-
-    @staticmethod
-    def _record(scope: Scope, status: int, latency_s: float) -> None:
-        outcome: RequestOutcome | None = scope.get("state", {}).get("outcome")
-        if outcome is not None and outcome.client_left:
-            status = 499  # a stream whose client left had sent its 200 header; count it as gone
-        route = route_label(scope)
-        ingress_metrics().record(route, status, latency_s)
-        details = outcome.log_fields() if outcome else ""
-        logger.info(
-            "request %s %s status=%d latency_ms=%.1f%s",
-            scope.get("method"),
-            route,
-            status,
-            latency_s * 1000,
-            details,
-        )
-
-
-def route_label(scope: Scope) -> str:
-    """The route as a metric label: known routes by name, anything else lumped together (so
-    scanners probing random paths cannot blow up the number of time series)."""
-    # Serve mounts an application under its route prefix (the ASGI root_path).
-    path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
-    if path in KNOWN_ROUTES:
-        return path
-    return "/v1/models/{id}" if path.startswith("/v1/models/") else "other"
-
-
-@dataclass
-class RequestOutcome:
-    """What a generation route learned about its request, for the log line."""
-
-    stream: bool
-    usage: Usage | None = None
-    finish_reason: str | None = None
-    client_left: bool = False
-
-    def log_fields(self) -> str:
-        fields = f" stream={self.stream}"
-        if self.usage is not None:
-            fields += (
-                f" prompt_tokens={self.usage.prompt_tokens} completion_tokens={self.usage.completion_tokens}"
-                f" forwards={self.usage.forwards} tokens_per_forward={self.usage.tokens_per_forward:.2f}"
-            )
-        if self.finish_reason is not None:
-            fields += f" finish_reason={self.finish_reason}"
-        return fields
-
-
-# -- the FastAPI app ------------------------------------------------------------------------------
-
-api = FastAPI(title="CLLM (Jacobi decoding) OpenAI-compatible API", docs_url=None, redoc_url=None)
-api.add_middleware(RequestObserver)
-
-
-@api.exception_handler(ApiError)
-async def _api_error(_: Request, error: ApiError) -> JSONResponse:
-    return JSONResponse(error.body(), status_code=error.status_code)
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
-    # Unknown routes and wrong methods, in OpenAI's shape too.
-    code = {404: "not_found", 405: "method_not_allowed"}.get(error.status_code)
-    return JSONResponse(
-        ApiError(error.status_code, str(error.detail), code=code).body(), status_code=error.status_code
-    )
-
-
-def sse(payload: dict[str, Any] | str) -> str:
-    data = payload if isinstance(payload, str) else json.dumps(payload, separators=(",", ":"))
-    return f"data: {data}\n\n"
-
-
-def make_usage(prompt_tokens: int, finished: Finished) -> Usage:
-    return Usage(
-        prompt_tokens=prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=prompt_tokens + finished.completion_tokens,
-        forwards=finished.forwards,
-        tokens_per_forward=finished.completion_tokens / finished.forwards if finished.forwards else 0.0,
-    )
-
-
-@dataclass(frozen=True)
-class ChunkFormat:
-    """How one streamed response renders its chunks: completions or chat."""
-
-    kind: Literal["completion", "chat"]
-    response_id: str
-    model: str
-
-    def opening(self) -> list[dict[str, Any]]:
-        # Chat streams announce the role first, as OpenAI's do.
-        return (
-            [chat_chunk(self.response_id, self.model, {"role": "assistant", "content": ""})]
-            if self.kind == "chat"
-            else []
-        )
-
-    def delta(self, text: str) -> dict[str, Any]:
-        if self.kind == "chat":
-            return chat_chunk(self.response_id, self.model, {"content": text})
-        return completion_chunk(self.response_id, self.model, text)
-
-    def closing(self, finish_reason: str) -> dict[str, Any]:
-        if self.kind == "chat":
-            return chat_chunk(self.response_id, self.model, {}, finish_reason)
-        return completion_chunk(self.response_id, self.model, "", finish_reason)
-
-    def usage(self, usage: Usage) -> dict[str, Any]:
-        object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return usage_chunk(self.response_id, self.model, object_name, usage)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
-    too_large = ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise too_large
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise too_large
-    return bytes(body)
-
-
-def parse_request(schema: type[BaseModel], body: bytes) -> Any:
-    try:
-        return schema.model_validate_json(body)
-    except ValidationError as error:
-        if error.errors()[0]["type"] == "json_invalid":
-            raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
-        raise from_validation_error(error) from None
-
-
-async def _over_capacity_as_503(call: Any) -> Any:
-    """Await a decoder call, turning Serve's back-pressure and replica failures into API errors."""
-    try:
-        return await call
-    except (BackPressureError, DeploymentUnavailableError):
-        raise ApiError(
-            503, "The server is over capacity; retry later.", type="server_error", code="overloaded"
-        ) from None
-    except (RayTaskError, RayActorError):
-        logger.exception("decoder call failed")
-        raise ApiError(500, "internal error while decoding", type="server_error") from None
-
-
-def _accepted_or_raise(event: Event) -> Accepted:
-    if isinstance(event, Rejected):
-        raise ApiError(400, event.message, param=event.param, code=event.code)
-    if not isinstance(event, Accepted):
-        raise ApiError(500, "unexpected reply from the decoder", type="server_error")
-    return event
-
-
-def _finished_or_raise(event: Event) -> Finished:
-    if isinstance(event, Failed):
-        raise ApiError(500, event.message, type="server_error")
-    if not isinstance(event, Finished):
-        raise ApiError(500, "unexpected reply from the decoder", type="server_error")
-    return event
-
-
-# Serve serialises the deployment class when it is decorated: everything its methods use must
-# be defined above this line.
-@serve.deployment(name="OpenAIIngress", ray_actor_options={"num_cpus": 0.1}, max_ongoing_requests=256)
-@serve.ingress(api)
-class OpenAIIngress:
-    def __init__(self, decoder: DeploymentHandle, settings: IngressSettings):
-        self._decoder = decoder
-        self._streaming_decoder = decoder.options(stream=True)
-        self._settings = settings
-        self._api_key = os.environ.get(API_KEY_ENV) or None
-        self._created = now()
-
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/v1/models")
-    async def models(self, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        return models_body(self._settings.served_model_name, self._created)
-
-    @api.get("/v1/models/{model_id:path}")
-    async def model(self, model_id: str, request: Request) -> dict[str, Any]:
-        self._authorize(request)
-        self._check_model(model_id)
-        return model_card(model_id, self._created)
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request) -> Response:
-        self._authorize(request)
-        parsed: CompletionRequest = parse_request(
-            CompletionRequest, await read_body(request, self._settings.max_body_bytes)
-        )
-        self._check_model(parsed.model)
-        decode_request = DecodeRequest(
-            prompt=parsed.prompt,
-            max_tokens=parsed.max_tokens,
-            stop=parsed.stop_sequences,
-            n_token=parsed.n_token,
-            seed=parsed.seed,
-        )
-        return await self._respond(
-            request, parsed, decode_request, ChunkFormat("completion", new_id("cmpl"), parsed.model)
-        )
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request) -> Response:
-        self._authorize(request)
-        parsed: ChatCompletionRequest = parse_request(
-            ChatCompletionRequest, await read_body(request, self._settings.max_body_bytes)
-        )
-        self._check_model(parsed.model)
-        decode_request = DecodeRequest(
-            messages=tuple((message.role, message.text) for message in parsed.messages),
-            max_tokens=parsed.token_limit,
-            stop=parsed.stop_sequences,
-            n_token=parsed.n_token,
-            seed=parsed.seed,
-        )
-        return await self._respond(
-            request, parsed, decode_request, ChunkFormat("chat", new_id("chatcmpl"), parsed.model)
-        )
-
-    # -- helpers --------------------------------------------------------------------------------
-
-    def _authorize(self, request: Request) -> None:
-        if self._api_key is None:
-            return
-        scheme, _, supplied = request.headers.get("authorization", "").partition(" ")
-        # Constant-time comparison, so response timing does not leak the key.
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            supplied.strip().encode(), self._api_key.encode()
-        ):
-            raise ApiError(
-                401, "invalid or missing API key", type="authentication_error", code="invalid_api_key"
-            )
-
-    def _check_model(self, model: str) -> None:
-        if model != self._settings.served_model_name:
-            raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
-
-    async def _respond(
-        self,
-        request: Request,
-        parsed: CompletionRequest | ChatCompletionRequest,
-        decode_request: DecodeRequest,
-        chunks: ChunkFormat,
-    ) -> Response:
-        outcome = RequestOutcome(stream=parsed.stream)
-        request.state.outcome = outcome
-        if parsed.stream:
-            events = self._streaming_decoder.generate.remote(decode_request)
-            accepted = _accepted_or_raise(await _over_capacity_as_503(events.__anext__()))
-            stream = self._sse(events, accepted, chunks, outcome, parsed.include_usage_chunk)
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-            )
-
-        events = await _over_capacity_as_503(self._decoder.complete.remote(decode_request))
-        accepted = _accepted_or_raise(events[0])
-        text = "".join(event.text for event in events if isinstance(event, TextDelta))
-        finished = _finished_or_raise(events[-1])
-        outcome.usage, outcome.finish_reason = (
-            make_usage(accepted.prompt_tokens, finished),
-            finished.finish_reason,
-        )
-        render = chat_body if chunks.kind == "chat" else completion_body
-        return JSONResponse(
-            render(chunks.response_id, chunks.model, text, finished.finish_reason, outcome.usage)
-        )
-
-    async def _sse(
-        self,
-        events: DeploymentResponseGenerator,
-        accepted: Accepted,
-        chunks: ChunkFormat,
-        outcome: RequestOutcome,
-        include_usage: bool,
-    ) -> AsyncIterator[str]:
-        finished_normally = False
-        try:
-            for chunk in chunks.opening():
-                yield sse(chunk)
-            try:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        yield sse(chunks.delta(event.text))
-                    elif isinstance(event, Finished):
-                        outcome.usage = make_usage(accepted.prompt_tokens, event)
-                        outcome.finish_reason = event.finish_reason
-                        yield sse(chunks.closing(event.finish_reason))
-                        if include_usage:
-                            yield sse(chunks.usage(outcome.usage))
-                    elif isinstance(event, Failed):
-                        # The 200 header is gone already: report the error in-band, as OpenAI does.
-                        yield sse(ApiError(500, event.message, type="server_error").body())
-            except (RayTaskError, RayActorError):
-                logger.exception("decoder stream failed")
-                yield sse(ApiError(500, "internal error while decoding", type="server_error").body())
-            yield sse("[DONE]")
-            finished_normally = True
-        finally:
-            if not finished_normally:  # the client left: stop the decoder's row now
-                outcome.client_left = True
-                events.cancel()
-
+from cllm_pipelines.common import Request, require_resources
+from cllm_serve.decoder import Decoder, DecoderSettings, Mode
+from cllm_serve.ingress import IngressSettings, OpenAIIngress
 
 # -- the application builder ----------------------------------------------------------------------
 
@@ -450,9 +55,15 @@ class BuilderArgs(BaseModel):
         default=64, ge=-1, description="per caller; beyond it: 503 (-1: no limit)"
     )
     max_body_bytes: int = Field(default=1_000_000, ge=1)
+    wait_for_resources_s: float = Field(
+        default=0, ge=0, description="how long an autoscaling cluster may take to fit min_replicas (0: fail at once)"
+    )
 
 
 def build_app(args: BuilderArgs) -> serve.Application:
+    """The application for `args`. When Ray is already up (as under `serve run`), first check that
+    the cluster can hold `min_replicas` decoders: an impossible request fails here, at once,
+    instead of leaving replicas pending forever."""
     decoder_settings = DecoderSettings(
         model=args.model,
         mode=args.mode,
@@ -463,6 +74,9 @@ def build_app(args: BuilderArgs) -> serve.Application:
         batch_wait_ms=args.batch_wait_ms,
     )
     num_gpus = args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available())
+    if ray.is_initialized() and args.min_replicas > 0:
+        request = Request("min_replicas", args.min_replicas, cpus=args.num_cpus, gpus=num_gpus)
+        require_resources(request, args.wait_for_resources_s, wait_option="wait_for_resources_s=SECONDS")
     decoder = Decoder.options(
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": num_gpus},
         autoscaling_config={

@@ -5,14 +5,14 @@ decodes with `cllm.jacobi_generate`, or `cllm.ar_generate` in `ar` mode, the gre
 Tokenisation, the chat template, the context-length check and stop sequences live here, next to
 the tokenizer; the ingress deals only with HTTP.
 
-Chat prompts use the tokenizer's chat template. A tokenizer without one (small test tokenizers)
-gets a plain fallback: one `role: content` line per message, then `assistant:`.
+Chat prompts use the tokenizer's chat template, or `cllm.hf.render_chat`'s plain fallback for a
+tokenizer without one.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator
 from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
@@ -22,7 +22,8 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from cllm import ar_generate, jacobi_generate, load_model, pad_prompts
-from serve.batching import (
+from cllm.hf import context_length, encode_chat, eos_ids, pad_id
+from cllm_serve.batching import (
     Accepted,
     DynamicBatcher,
     Event,
@@ -32,7 +33,7 @@ from serve.batching import (
     TextDelta,
     TokenStream,
 )
-from serve.metrics import DecoderMetrics
+from cllm_serve.metrics import DecoderMetrics
 
 Mode = Literal["jacobi", "ar"]
 
@@ -79,47 +80,14 @@ class Load:
     batched_rows: int  # requests decoded so far; batched_rows / batches is the mean batch size
 
 
-def render_chat(tokenizer, messages: Sequence[tuple[str, str]]) -> str:
-    """The chat prompt text: the tokenizer's template, or the documented plain fallback."""
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(
-            [{"role": role, "content": text} for role, text in messages],
-            tokenize=False,
-            add_generation_prompt=True,
-        )
-    return "".join(f"{role}: {text}\n" for role, text in messages) + "assistant:"
-
-
-def context_length(model, tokenizer) -> int | None:
-    """Positions the model can attend to: its config's limit, else the tokenizer's (if real)."""
-    for name in ("max_position_embeddings", "n_positions"):
-        value = getattr(model.config, name, None)
-        if value:
-            return int(value)
-    limit = getattr(tokenizer, "model_max_length", None)
-    return int(limit) if limit and limit < 10**9 else None  # transformers' "unset" is ~1e30
-
-
-def eos_token_ids(model, tokenizer) -> frozenset[int]:
-    """EOS ids from the tokenizer and the generation config (chat models often add one)."""
-    ids: set[int] = set()
-    for value in (tokenizer.eos_token_id, getattr(model.generation_config, "eos_token_id", None)):
-        if isinstance(value, int):
-            ids.add(value)
-        elif value is not None:
-            ids.update(int(token) for token in value)
-    return frozenset(ids)
-
-
 @serve.deployment(name="Decoder")
 class Decoder:
     def __init__(self, settings: DecoderSettings):
         self._settings = settings
         self._model, self._tokenizer = load_model(settings.model)
-        self._context_length = context_length(self._model, self._tokenizer)
-        self._eos = eos_token_ids(self._model, self._tokenizer)
-        pad = self._tokenizer.pad_token_id
-        self._pad_id = pad if pad is not None else min(self._eos, default=0)
+        self._context_length = context_length(self._model.config, self._tokenizer)
+        self._eos = eos_ids(self._tokenizer, self._model.generation_config)
+        self._pad_id = pad_id(self._tokenizer)
         self._batcher = DynamicBatcher(
             self._decode_batch, settings.max_batch_size, settings.batch_wait_ms / 1000
         )
@@ -202,8 +170,7 @@ class Decoder:
 
     def _prompt_ids(self, request: DecodeRequest) -> list[int] | Rejected:
         if request.messages is not None:
-            text = render_chat(self._tokenizer, request.messages)
-            ids = self._tokenizer(text, add_special_tokens=False)["input_ids"]
+            _, ids = encode_chat(self._tokenizer, request.messages)
             param = "messages"
         elif isinstance(request.prompt, str):
             ids = self._tokenizer(request.prompt)["input_ids"]

@@ -1,10 +1,10 @@
-"""Shared fixtures: a real local 2-node Ray cluster (started with the `ray` CLI, as a user would)
-and a real S3-compatible server (moto) on loopback. Both are started once per test session."""
+"""Shared fixtures: a real local 2-node Ray cluster (started with the `ray` CLI, as a user would,
+once per test module) and a real S3-compatible server (moto) on loopback (once per session)."""
 
 from __future__ import annotations
 
+import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -13,15 +13,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from helpers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -67,16 +62,16 @@ class RayCluster:
     address: str  # GCS address, for ray.init(address=...)
     dashboard_url: str  # for `ray job submit --address ...`
 
-    def submit(self, *args: str, timeout: float = 900, env: dict | None = None) -> subprocess.CompletedProcess:
-        """`ray job submit --working-dir . -- <args>`, exactly as the README shows."""
-        command = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", ".", "--", *args]
-        return subprocess.run(
-            command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout,
-            env={**os.environ, **(env or {})},
-        )
+    def submit(self, *args: str, timeout: float = 900, job_env: dict | None = None) -> subprocess.CompletedProcess:
+        """`ray job submit --working-dir . -- <args>`, exactly as the README shows; `job_env` goes
+        into the job's runtime environment (the job's own processes, not the submitting one)."""
+        runtime_env = ["--runtime-env-json", json.dumps({"env_vars": job_env})] if job_env else []
+        command = [RAY, "job", "submit", "--address", self.dashboard_url, "--working-dir", ".", *runtime_env,
+                   "--", *args]
+        return subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=timeout)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_cluster(s3_server):
     """A local 2-node Ray cluster started with the `ray start` CLI, as a user would: a head node
     with the job server for `ray job submit`, and a second node, each with 2 logical CPUs and a

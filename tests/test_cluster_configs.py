@@ -106,7 +106,9 @@ def check_cluster_spec(spec: dict, where: str, service_accounts: set[str]) -> No
     """A RayCluster spec (also RayService.rayClusterConfig, RayJob.rayClusterSpec): required fields,
     an autoscaling GPU worker group, the project's image and an IRSA service account."""
     assert set(spec) <= RAYCLUSTER_SPEC_FIELDS, f"{where}: unknown fields {set(spec) - RAYCLUSTER_SPEC_FIELDS}"
-    assert spec.get("rayVersion") == dockerfile_arg("RAY_VERSION"), f"{where}: rayVersion differs from the Dockerfile's RAY_VERSION"
+    assert spec.get("rayVersion") == dockerfile_arg("RAY_VERSION"), (
+        f"{where}: rayVersion differs from the Dockerfile's RAY_VERSION"
+    )
     assert spec.get("enableInTreeAutoscaling") is True, f"{where}: the autoscaler is off"
 
     head = spec["headGroupSpec"]
@@ -121,7 +123,8 @@ def check_cluster_spec(spec: dict, where: str, service_accounts: set[str]) -> No
     assert groups, f"{where}: no worker group"
     gpu_groups = []
     for group in groups:
-        assert set(group) <= WORKER_GROUP_FIELDS, f"{where}: unknown worker group fields {set(group) - WORKER_GROUP_FIELDS}"
+        unknown = set(group) - WORKER_GROUP_FIELDS
+        assert not unknown, f"{where}: unknown worker group fields {unknown}"
         for field in ("groupName", "minReplicas", "maxReplicas", "template"):
             assert field in group, f"{where}: worker group without {field}"
         low, high = group["minReplicas"], group["maxReplicas"]
@@ -170,7 +173,8 @@ def check_runtime_env(runtime_env: dict, where: str) -> None:
     unknown = set(runtime_env) - runtime_env_fields()
     assert not unknown, f"{where}: fields Ray does not know: {unknown}"
     env_vars = runtime_env.get("env_vars", {})
-    assert all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items()), f"{where}: env_vars must be strings"
+    strings = all(isinstance(k, str) and isinstance(v, str) for k, v in env_vars.items())
+    assert strings, f"{where}: env_vars must be strings"
     RuntimeEnv(**runtime_env)  # Ray's own validation of each field
 
 
@@ -245,7 +249,8 @@ with mock_aws():
     created = provider.create_node(dict(node_config), {"ray-node-type": "worker", "ray-user-node-type": worker_type}, 1)
     instances = [i for r in boto3.client("ec2", region_name=region).describe_instances()["Reservations"]
                  for i in r["Instances"]]
-    print("RESULT " + json.dumps({"created": len(created), "node_config": node_config, "instances": instances}, default=str))
+    result = {"created": len(created), "node_config": node_config, "instances": instances}
+    print("RESULT " + json.dumps(result, default=str))
 """
 
 
@@ -525,7 +530,9 @@ def test_docs_ray_and_serve_commands_use_real_subcommands_and_options():
             continue
         command, rest = _click_command(argv)
         assert not isinstance(command, click.Group), f"`{' '.join(argv)}`: no such subcommand"
-        options = {opt for param in command.params for opt in getattr(param, "opts", []) + getattr(param, "secondary_opts", [])}
+        options = {
+            opt for param in command.params for opt in getattr(param, "opts", []) + getattr(param, "secondary_opts", [])
+        }
         own_args = rest[: rest.index("--")] if "--" in rest else rest
         unknown = {flag for flag in long_flags(own_args) if flag not in options}
         assert not unknown, f"`{' '.join(argv)}`: {command.name} has no {sorted(unknown)}"

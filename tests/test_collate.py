@@ -5,58 +5,23 @@ from __future__ import annotations
 import random
 
 import pytest
-import torch
+from helpers import PAD, hand_rows, row, trajectory_rows
 
-from cllm import jacobi_generate, tiny_model
+from cllm import tiny_model
 from cllm.collate import (
-    IGNORE,
     PackedBatch,
     batch_tokens,
     collate,
     collate_packed,
     collate_states,
-    prompt_ids,
 )
-
-PAD = 0
-
-
-def trajectory_rows(model, prompts: list[list[int]], n_token: int, max_new_tokens: int, eos_token_id=None) -> list[dict]:
-    """Rows of the trajectory schema from the project's Jacobi decoder, one per (prompt, block)."""
-    width = max(len(prompt) for prompt in prompts)
-    input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
-    attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    output = jacobi_generate(
-        model, input_ids, attention_mask, n_token=n_token, max_new_tokens=max_new_tokens,
-        eos_token_id=eos_token_id, pad_token_id=PAD, return_trajectories=True,
-    )
-    rows = []
-    for prompt_index, (prompt, generated, blocks) in enumerate(zip(prompts, output.new_tokens, output.trajectories)):
-        for block_index, states in enumerate(blocks):
-            done = block_index * n_token
-            rows.append({
-                "prompt_id": f"p{prompt_index}", "block_index": block_index, "prefix_ids": prompt + generated[:done],
-                "states": states, "eos": False, "label_ids": list(reversed(prompt)), "model": "tiny", "n_token": n_token,
-                "fixed_length": min(n_token, len(generated) - done),
-            })
-    return rows
-
-
-def hand_rows() -> list[dict]:
-    """Two blocks of n=3 with different prefix lengths and numbers of states; the second is a
-    last block padded after its first 2 positions."""
-    return [
-        {"prompt_id": "a", "block_index": 0, "prefix_ids": [5, 6, 7, 8], "n_token": 3, "fixed_length": 3,
-             "states": [[9, 1, 2], [9, 4, 2], [9, 4, 3]], "label_ids": [11, 12]},
-        {"prompt_id": "b", "block_index": 1, "prefix_ids": [20, 21, 22, 23, 24, 25], "n_token": 3, "fixed_length": 2,
-             "states": [[30, 1, 1], [30, 31, PAD]], "label_ids": [13]},
-    ]
+from cllm.metrics import IGNORE
 
 
 def test_prompt_ids_strip_earlier_blocks():
     rows = hand_rows()
-    assert prompt_ids(rows[0]) == [5, 6, 7, 8]
-    assert prompt_ids(rows[1]) == [20, 21, 22]  # one earlier block of 3 ids
+    assert rows[0].prompt_ids == [5, 6, 7, 8]
+    assert rows[1].prompt_ids == [20, 21, 22]  # one earlier block of 3 ids
 
 
 def test_state_batch_mixed_prefix_lengths():
@@ -72,8 +37,7 @@ def test_state_batch_mixed_prefix_lengths():
     assert batch.next_state_sequences.input_ids[1, 6:].tolist() == [30, 31, PAD]
     assert batch.fixed_point.tolist() == [[9, 4, 3], [30, 31, PAD]]
     assert batch.fixed_length.tolist() == [3, 2]
-    # fixed-point labels stop at the valid part: row 1 trains up to token 31, not the pad after it
-    labels = batch.fixed_point_sequences.labels
+    # fixed-point labels stop at the valid part: row 1 trains up to token 31, not the pad after it,
     # and skip the prompt: only generated ids (earlier blocks, then the fixed point) are trained
     labels = batch.fixed_point_sequences.labels
     assert labels[0].tolist() == [IGNORE, IGNORE, IGNORE, 9, 4, 3, IGNORE, IGNORE, IGNORE]
@@ -95,8 +59,7 @@ def test_state_sampling_never_picks_the_fixed_point():
 
 
 def test_one_state_trajectory_has_no_target():
-    row = {"prefix_ids": [1, 2], "states": [[3, 4]], "n_token": 2, "fixed_length": 2, "block_index": 0}
-    batch = collate_states([row], PAD)
+    batch = collate_states([row("x", 0, 2, [1, 2], [[3, 4]])], PAD)
     assert batch.has_target.tolist() == [False]
 
 
@@ -127,7 +90,7 @@ def test_packed_layout_mask_and_positions():
     # AR labels: the prefix's generated ids (not the prompt), then the valid fixed point at its
     # prediction indices
     assert batch.ar_labels[0].tolist() == [IGNORE, IGNORE, IGNORE, 9] + [IGNORE] * 6 + [4, 3, IGNORE]
-    assert batch.ar_labels[1].tolist() == [IGNORE, IGNORE, 23, 24, 25, 30, IGNORE, IGNORE, IGNORE, 31, IGNORE, IGNORE, IGNORE]
+    assert batch.ar_labels[1].tolist() == [IGNORE, IGNORE, 23, 24, 25, 30] + [IGNORE] * 3 + [31] + [IGNORE] * 3
     assert batch_tokens(batch) == 13 + 12 + int(batch.label_sequences.attention_mask.sum())
 
 
@@ -135,7 +98,7 @@ def test_collate_real_trajectories_any_batch_size():
     model = tiny_model("llama", vocab_size=64, seed=3)
     prompts = [[5, 9, 13], [7, 8, 9, 10, 11, 12, 40], [33, 2, 17, 21, 60]]
     rows = trajectory_rows(model, prompts, n_token=4, max_new_tokens=10)
-    assert len({len(row["prefix_ids"]) for row in rows}) > 3
+    assert len({len(r.prefix_ids) for r in rows}) > 3
     for size in (1, 2, len(rows)):
         for packed in (False, True):
             batch = collate(rows[:size], PAD, packed=packed, labels=True)
@@ -148,8 +111,8 @@ def test_collate_real_trajectories_any_batch_size():
     "rows, message",
     [
         ([], "empty list"),
-        ([{"prefix_ids": [1], "states": [[1, 2], [1]], "block_index": 0}], "must have 2 ids"),
-        ([{"prefix_ids": [], "states": [[1, 2]], "block_index": 0}], "empty prefix"),
+        ([row("x", 0, 1, [1], [[1, 2], [1]])], "must have 2 ids"),
+        ([row("x", 0, 0, [], [[1, 2]])], "empty prefix"),
     ],
 )
 def test_collate_rejects_bad_rows(rows, message):
@@ -158,6 +121,5 @@ def test_collate_rejects_bad_rows(rows, message):
 
 
 def test_labels_required_when_asked():
-    row = {"prompt_id": "x", "prefix_ids": [1], "states": [[1, 2]], "block_index": 0, "label_ids": None}
     with pytest.raises(ValueError, match="no label_ids"):
-        collate_states([row], PAD, labels=True)
+        collate_states([row("x", 0, 1, [1], [[1, 2]])], PAD, labels=True)

@@ -9,11 +9,13 @@ import time
 
 import pytest
 import torch
-from test_prompts import char_tokenizer
+from helpers import char_tokenizer, free_port
 
 from cllm import ar_generate, tiny_model
-from cllm.data import read_trajectories, storage_options
+from cllm.data import read_trajectories, table_rows
 from cllm.prompts import load_prompts
+from cllm.storage import storage_options
+from cllm_pipelines.common import FAULT_MARKER_ENV
 
 N_TOKEN, MAX_NEW_TOKENS = 4, 14
 
@@ -38,7 +40,7 @@ def workload(tmp_path_factory) -> dict:
 
 
 def run_collect(argv: list[str]) -> int:
-    from pipelines import collect
+    from cllm_pipelines import collect
 
     return collect.main(argv)
 
@@ -72,36 +74,43 @@ def test_unreachable_bucket_fails_fast(workload, s3_server, capsys):
     base = ["--model", workload["model"], "--prompts", workload["prompts"]]
     code = run_collect([*base, "--output", "s3://no-such-bucket/x", "--s3-endpoint", s3_server.endpoint_url])
     assert code == 2 and "error: output bucket 'no-such-bucket' does not exist" in capsys.readouterr().err
-    from conftest import free_port
-
     dead = f"http://127.0.0.1:{free_port()}"
     code = run_collect([*base, "--output", s3_server.uri("x"), "--s3-endpoint", dead])
     assert code == 2 and "error: cannot write to output s3://cllm-test/x" in capsys.readouterr().err
 
 
-def test_generator_udf_marks_rejected_prompts(workload):
+def test_generator_udf_writes_one_shard_per_batch_and_reports_each_prompt(workload, tmp_path):
     import pyarrow as pa
 
     from cllm.trajectory import CollectConfig
-    from pipelines.collect import REJECTED, TrajectoryCollector
+    from cllm_pipelines.collect import TrajectoryCollector, shard_name
 
     records, _ = load_prompts(workload["prompts"], workload["tokenizer"], limit=3)
     batch = pa.Table.from_pylist([{"prompt_id": r.prompt_id, "prompt_ids": r.prompt_ids, "label_ids": r.label_ids}
                                   for r in records])
-    keep_all = TrajectoryCollector(workload["model"], CollectConfig(n_token=N_TOKEN, max_new_tokens=8))
-    (table,) = keep_all(batch)
-    assert table.column(REJECTED).null_count == table.num_rows > 0
-    assert set(table.column("prompt_id").to_pylist()) == {r.prompt_id for r in records}
+    ids = [r.prompt_id for r in records]
+    keep_all = TrajectoryCollector(workload["model"], CollectConfig(n_token=N_TOKEN, max_new_tokens=8),
+                                   str(tmp_path / "all"), {})
+    summary = keep_all(batch)
+    assert summary.column("prompt_id").to_pylist() == ids
+    assert summary.column("rejected_reason").null_count == 3
+    written = read_trajectories(str(tmp_path / "all" / shard_name(ids)))
+    assert written.num_rows == sum(summary.column("blocks").to_pylist())
+    assert sum(summary.column("tokens").to_pylist()) == sum(written.column("fixed_length").to_pylist())
+    assert keep_all(batch).equals(summary)  # a retried batch rewrites the same shard
+    assert [p.name for p in (tmp_path / "all").iterdir()] == [shard_name(ids)]
+
     strict = TrajectoryCollector(workload["model"], CollectConfig(n_token=N_TOKEN, max_new_tokens=8,
-                                                                  min_loop_tokens=2, max_loop_period=8))
-    (cleaned,) = strict(batch)
-    rejected = cleaned.filter(pa.compute.is_valid(cleaned.column(REJECTED)))
-    assert 0 < rejected.num_rows < 3  # some, not all, of these outputs repeat a token within 8
-    assert rejected.column("states").null_count == rejected.num_rows
-    assert all(reason.startswith("degenerate output") for reason in rejected.column(REJECTED).to_pylist())
-    kept_ids = set(cleaned.column("prompt_id").to_pylist()) - set(rejected.column("prompt_id").to_pylist())
-    assert table.filter(pa.compute.is_in(table.column("prompt_id"), pa.array(sorted(kept_ids)))).to_pylist() == \
-        cleaned.filter(pa.compute.is_null(cleaned.column(REJECTED))).to_pylist()
+                                                                  min_loop_tokens=2, max_loop_period=8),
+                                 str(tmp_path / "strict"), {})
+    cleaned = strict(batch).to_pylist()
+    rejected = [row for row in cleaned if row["rejected_reason"] is not None]
+    assert 0 < len(rejected) < 3  # some, not all, of these outputs repeat a token within 8
+    assert all(r["rejected_reason"].startswith("degenerate output") and r["blocks"] == 0 for r in rejected)
+    kept = {row["prompt_id"] for row in cleaned} - {row["prompt_id"] for row in rejected}
+    strict_rows = table_rows(read_trajectories(str(tmp_path / "strict")))
+    assert {r.prompt_id for r in strict_rows} == kept
+    assert strict_rows == [r for r in table_rows(written) if r.prompt_id in kept]
 
 
 # -- end to end on a real cluster ----------------------------------------------------------------
@@ -138,10 +147,10 @@ def check_output(workload, s3_server, prefix: str, limit: int | None) -> list[st
     return sorted({row["prompt_id"] for row in rows})
 
 
-def submit(ray_cluster, *args: str):
+def submit(ray_cluster, *args: str, job_env: dict | None = None):
     """`ray job submit`, retried while a freshly started head has no job agent up yet."""
     for _ in range(6):
-        result = ray_cluster.submit(*args)
+        result = ray_cluster.submit(*args, job_env=job_env)
         if "No available agent to submit job" not in result.stderr + result.stdout:
             return result
         time.sleep(10)
@@ -155,7 +164,7 @@ def test_collect_on_cluster_to_s3_with_crash_then_resume(workload, ray_cluster, 
             "--output", s3_server.uri("e2e"), "--s3-endpoint", s3_server.endpoint_url,
             "--n-token", str(N_TOKEN), "--max-new-tokens", str(MAX_NEW_TOKENS),
             "--batch-size", "3", "--workers", "2"]
-    first = submit(ray_cluster, *args, "--limit", "18", "--fault-marker", str(marker))
+    first = submit(ray_cluster, *args, "--limit", "18", job_env={FAULT_MARKER_ENV: str(marker)})
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert marker.exists(), "the injected actor crash did not happen"
     log = first.stdout

@@ -3,28 +3,41 @@ file and the field, locally and on S3."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from cllm.data import (
+    ROW_FIELDS,
     SCHEMA_VERSION,
     SCHEMA_VERSION_KEY,
     TRAJECTORY_SCHEMA,
     TrajectoryFormatError,
+    TrajectoryRow,
     read_prompt_ids,
     read_trajectories,
     rows_to_table,
-    storage_options,
+    summarize_shards,
+    table_rows,
     write_shard,
 )
+from cllm.storage import storage_options
 
 
-def row(prompt_id: str = "p", block_index: int = 0, **changes) -> dict:
-    base = {"prompt_id": prompt_id, "block_index": block_index, "prefix_ids": [1, 2, 3],
-            "states": [[4, 9, 9], [4, 5, 9], [4, 5, 6]], "eos": False, "label_ids": [5, 6, 2],
-            "model": "tiny", "n_token": 3, "fixed_length": 3, "iterations": 3}
-    return {**base, **changes}
+def row(prompt_id: str = "p", block_index: int = 0, **changes) -> TrajectoryRow:
+    base = TrajectoryRow(prompt_id=prompt_id, block_index=block_index, prompt_length=2, prefix_ids=[1, 2, 3],
+                         states=[[4, 9, 9], [4, 5, 9], [4, 5, 6]], eos=False, label_ids=[5, 6, 2],
+                         model="tiny", n_token=3, fixed_length=3, iterations=3)
+    return dataclasses.replace(base, **changes)
+
+
+def test_the_row_and_the_arrow_schema_name_the_same_fields():
+    assert tuple(TRAJECTORY_SCHEMA.names) == ROW_FIELDS
+    rows = [row("a", 0), row("a", 1, label_ids=None, fixed_length=2, eos=True)]
+    assert table_rows(rows_to_table(rows)) == rows
+    assert rows[0].prompt_ids == [1, 2] and rows[0].fixed_point == [4, 5, 6]
 
 
 def test_round_trip_with_version(tmp_path):
@@ -56,6 +69,8 @@ def test_hidden_and_partial_files_are_not_data(tmp_path):
      "field 'states' in row 0 has a state whose length is not n_token=3"),
     (lambda t: t.set_column(t.schema.get_field_index("model"), "model", pa.array([None], pa.string())),
      "field 'model' has 1 nulls"),
+    (lambda t: t.set_column(t.schema.get_field_index("prompt_length"), "prompt_length", pa.array([4], pa.int32())),
+     "field 'prompt_length' is 4 in row 0, expected 1..3"),
 ])
 def test_bad_shard_names_file_and_field(tmp_path, damage, message):
     write_shard(rows_to_table([row("a")]), str(tmp_path / "a.parquet"))
@@ -74,6 +89,12 @@ def test_version_and_garbage_errors(tmp_path):
     pq.write_table(plain.replace_schema_metadata({SCHEMA_VERSION_KEY: b"0"}), tmp_path / "old.parquet")
     with pytest.raises(TrajectoryFormatError, match=r"old.parquet: schema version 0, this reader expects"):
         read_trajectories(str(tmp_path / "old.parquet"))
+    version_1 = plain.drop_columns(["prompt_length"]).replace_schema_metadata({SCHEMA_VERSION_KEY: b"1"})
+    pq.write_table(version_1, tmp_path / "old.parquet")
+    with pytest.raises(TrajectoryFormatError, match=r"schema version 1, .* stores prompt_length\); collect"):
+        read_trajectories(str(tmp_path / "old.parquet"))
+    with pytest.raises(TrajectoryFormatError, match=r"schema version 1"):
+        summarize_shards(str(tmp_path / "old.parquet"))
     (tmp_path / "old.parquet").write_bytes(b"not parquet at all")
     with pytest.raises(TrajectoryFormatError, match=r"old.parquet: not a readable Parquet file"):
         read_trajectories(str(tmp_path))
@@ -83,7 +104,7 @@ def test_version_and_garbage_errors(tmp_path):
 
 def test_s3_round_trip(s3_server):
     uri = s3_server.uri("data-test/shard.parquet")
-    from cllm.data import resolve
+    from cllm.storage import resolve
 
     filesystem, path = resolve(uri, storage_options(s3_server.endpoint_url))
     write_shard(rows_to_table([row("s")]), path, filesystem=filesystem)
@@ -118,7 +139,7 @@ def test_commit_moves_staged_shards_once(tmp_path):
 
 
 def test_check_writable(tmp_path, s3_server):
-    from cllm.data import StorageError, check_writable
+    from cllm.storage import StorageError, check_writable
 
     check_writable(str(tmp_path / "new" / "dir"))
     check_writable(s3_server.uri("ok"), storage_options(s3_server.endpoint_url))
@@ -127,3 +148,19 @@ def test_check_writable(tmp_path, s3_server):
     (tmp_path / "file").write_text("")
     with pytest.raises(StorageError, match="cannot write to output"):
         check_writable(str(tmp_path / "file" / "sub"))
+
+
+def test_summary_reads_footers_only_and_falls_back_to_rows_without_statistics(tmp_path):
+    rows = [row("a", 0, prefix_ids=[1, 2, 77]), row("b", 0, label_ids=None), row("c", 0, label_ids=[])]
+    write_shard(rows_to_table(rows[:2]), str(tmp_path / "s" / "one.parquet"))
+    table = rows_to_table(rows[2:])
+    pq.write_table(table, tmp_path / "s" / "two.parquet", write_statistics=False)
+    summary = summarize_shards(str(tmp_path / "s"))
+    assert summary.rows == 3 and summary.n_token_range == (3, 3)
+    assert summary.max_token_id == 77 and summary.rows_without_labels == 2
+    assert [path.rsplit("/", 1)[1] for path in summary.shards] == ["one.parquet", "two.parquet"]
+    write_shard(rows_to_table([row("d", 0, n_token=2, states=[[1, 2]], fixed_length=2)]),
+                str(tmp_path / "s" / "three.parquet"))
+    assert summarize_shards(str(tmp_path / "s")).n_token_range == (2, 3)
+    with pytest.raises(FileNotFoundError):
+        summarize_shards(str(tmp_path / "none"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from pipelines.demo import BUDGETS, Stage, build_stages, parse_args, run_stages
+from cllm_pipelines.demo import BUDGETS, Stage, build_stages, parse_args, run_stages
 
 
 def _stages(calls: list[str], settings: dict[str, dict] | None = None, failing: str | None = None,
@@ -93,9 +93,9 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     import subprocess
     import sys
 
-    from cllm.models import tiny_model
-    from cllm.toy import ToyConfig, train_tokenizer
-    from pipelines.demo import REPO
+    from cllm.hf import tiny_model
+    from cllm.toy.teacher import ToyConfig, train_tokenizer
+    from cllm_pipelines.demo import REPO
 
     tokenizer = train_tokenizer(ToyConfig(domain="math", vocab_size=300, tokenizer_corpus_docs=200))
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=0)
@@ -104,7 +104,8 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     tokenizer.save_pretrained(tmp_path / "teacher")
     command = [
         sys.executable, str(REPO / "pipelines" / "demo.py"), "--budget", "tiny", "--model", str(tmp_path / "teacher"),
-        "--train-prompts", "toy-math:train", "--heldout-prompts", "toy-math:heldout", "--output", str(tmp_path / "demo"),
+        "--train-prompts", "toy-math:train", "--heldout-prompts", "toy-math:heldout",
+        "--output", str(tmp_path / "demo"),
     ]
     first = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=1500)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-6000:]

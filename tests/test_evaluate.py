@@ -9,27 +9,26 @@ import random
 import pytest
 
 from cllm.evaluation import (
+    Contender,
+    DecodeSettings,
+    ModelEvaluation,
+    compare_decoding,
+    report_rows,
+    score_task,
+    task_metric,
+)
+from cllm.hf import tiny_model
+from cllm.metrics import agreement, answer_loss, common_prefix_fraction
+from cllm.report import (
     REPORT_JSON,
     REPORT_MD,
     SPEEDUP_PNG,
     TPF_HISTOGRAM_PNG,
     TRAJECTORY_PNG,
-    Contender,
-    DecodeSettings,
-    ModelEvaluation,
-    agreement,
-    common_prefix_fraction,
-    compare_decoding,
     converged_mask,
-    exact_answer_metric,
-    heldout_loss,
-    report_rows,
-    score_task,
-    toy_task_domain,
     visible_token,
     write_report,
 )
-from cllm.models import tiny_model
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 REPORT_FIELDS = {
@@ -58,7 +57,7 @@ def evaluated(tmp_path_factory):
     evaluations = []
     for contender in contenders:
         evaluation = ModelEvaluation(contender.name, runs[contender.name], token_text=lambda t: f"t{t}")
-        evaluation.heldout_loss = heldout_loss(contender.model, prompts, answers)
+        evaluation.heldout_loss = answer_loss(contender.model, prompts, answers)
         # A made-up task metric: the share of outputs that start with an even token.
         score_task(evaluation, lambda outputs: sum(o[0] % 2 == 0 for o in outputs) / len(outputs))
         evaluations.append(evaluation)
@@ -144,8 +143,8 @@ def test_heldout_loss_prefers_the_model_own_greedy_answers():
     settings = DecodeSettings(n_tokens=[4], max_new_tokens=6, batch_size=4)
     greedy = compare_decoding([Contender("m", model, prompts)], settings)["m"][0].outputs
     shuffled = [list(reversed(answer)) for answer in greedy]
-    assert heldout_loss(model, prompts, greedy) < heldout_loss(model, prompts, shuffled)
-    assert heldout_loss(model, prompts, [None] * 4) is None
+    assert answer_loss(model, prompts, greedy) < answer_loss(model, prompts, shuffled)
+    assert answer_loss(model, prompts, [None] * 4) is None
 
 
 def test_unknown_baseline_is_rejected(evaluated):
@@ -154,32 +153,26 @@ def test_unknown_baseline_is_rejected(evaluated):
         report_rows(evaluations, "nobody")
 
 
-def test_exact_answer_metric_scores_math_answers():
+def test_task_metric_scores_math_answers_of_toy_sources_only():
     vocabulary = ["The answer is 7.", "The answer is 8.", "no idea"]
 
     def decode(ids: list[int]) -> str:
         return " ".join(vocabulary[i] for i in ids)
 
     references = ["3 + 4 = 7. The answer is 7.", "The answer is 8."]
-    metric = exact_answer_metric("math", decode, references)
-    assert metric([[0], [2]]) == 0.5
-    assert metric([[0], [1]]) == 1.0
-    assert exact_answer_metric("code", decode, references)([[0], [1]]) is None  # no task metric
-    assert exact_answer_metric(None, decode, references) is None
-    assert exact_answer_metric("math", decode, [references[0], None]) is None  # a reference is missing
-
-
-def test_toy_task_domain():
-    assert toy_task_domain("toy:heldout") == "math"
-    assert toy_task_domain("toy-code:heldout") == "code"
-    assert toy_task_domain("toy-math") == "math"
-    assert toy_task_domain("data/gsm8k.jsonl") is None
+    for source in ("toy:heldout", "toy-math:heldout", "toy-math"):
+        metric = task_metric(source, decode, references)
+        assert metric([[0], [2]]) == 0.5
+        assert metric([[0], [1]]) == 1.0
+    assert task_metric("toy-code:heldout", decode, references) is None  # no task metric
+    assert task_metric("data/gsm8k.jsonl", decode, references) is None
+    assert task_metric("toy:heldout", decode, [references[0], None]) is None  # a reference is missing
 
 
 @pytest.fixture(scope="module")
 def saved_models(tmp_path_factory):
     """Two tiny random Llamas saved with a small toy-math tokenizer, as `load_model` reads them."""
-    from cllm.toy import ToyConfig, train_tokenizer
+    from cllm.toy.teacher import ToyConfig, train_tokenizer
 
     tokenizer = train_tokenizer(ToyConfig(domain="math", vocab_size=300, tokenizer_corpus_docs=300))
     paths = {}
@@ -194,7 +187,7 @@ def saved_models(tmp_path_factory):
 
 
 def test_pipeline_writes_the_report(saved_models, tmp_path, capsys):
-    from pipelines.evaluate import main
+    from cllm_pipelines.evaluate import main
 
     output = tmp_path / "report"
     rows = main([
@@ -218,7 +211,7 @@ def test_pipeline_writes_the_report(saved_models, tmp_path, capsys):
 
 
 def test_pipeline_rejects_an_unknown_baseline(saved_models, tmp_path):
-    from pipelines.evaluate import parse_args
+    from cllm_pipelines.evaluate import parse_args
 
     with pytest.raises(SystemExit):
         parse_args(["--models", f"base={saved_models['base']}", "--baseline", "other"])
@@ -244,7 +237,8 @@ def test_contenders_need_the_same_prompts_count():
 def test_progress_is_reported_per_batch():
     model = tiny_model("llama", vocab_size=VOCAB, seed=0)
     calls = []
-    runs = compare_decoding([Contender("a", model, _prompts(5))], DecodeSettings(n_tokens=[4], max_new_tokens=4, batch_size=2),
+    settings = DecodeSettings(n_tokens=[4], max_new_tokens=4, batch_size=2)
+    runs = compare_decoding([Contender("a", model, _prompts(5))], settings,
                             on_batch=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
     assert [len(run.outputs) for run in runs["a"]] == [5, 5]

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
-from test_collate import PAD, hand_rows, trajectory_rows
+from helpers import PAD, hand_rows, trajectory_rows
 
 from cllm import tiny_model
 from cllm.collate import collate_packed, collate_states
@@ -87,14 +89,14 @@ def model_and_rows():
     model = tiny_model("llama", vocab_size=64, seed=1)
     prompts = [[5, 9, 13, 2], [7, 8, 9, 10, 11, 12, 40, 41], [33, 2, 17]]
     rows = trajectory_rows(model, prompts, n_token=5, max_new_tokens=13)
-    assert max(len(row["states"]) for row in rows) >= 3  # multi-state trajectories exist
-    assert any(row["fixed_length"] < 5 for row in rows)  # and padded last blocks
+    assert max(len(row.states) for row in rows) >= 3  # multi-state trajectories exist
+    assert any(row.fixed_length < 5 for row in rows)  # and padded last blocks
     return model, rows
 
 
 def test_zero_consistency_when_states_equal_the_fixed_point(model_and_rows):
     model, rows = model_and_rows
-    converged = [dict(row, states=[row["states"][-1]] * 3) for row in rows]
+    converged = [dataclasses.replace(row, states=[row.states[-1]] * 3) for row in rows]
     for packed in (False, True):
         batch = collate_packed(converged, PAD) if packed else collate_states(converged, PAD)
         output = compute_losses(model, batch, LossConfig())
@@ -105,7 +107,7 @@ def test_zero_consistency_when_states_equal_the_fixed_point(model_and_rows):
 
 def test_local_differs_from_global_on_multi_state_trajectories(model_and_rows):
     model, rows = model_and_rows
-    multi = [row for row in rows if len(row["states"]) >= 3]
+    multi = [row for row in rows if len(row.states) >= 3]
     batch = collate_states(multi, PAD, state_indices=[0] * len(multi))
     local = compute_losses(model, batch, LossConfig(kind="local"))
     global_ = compute_losses(model, batch, LossConfig(kind="global"))
@@ -118,9 +120,10 @@ def _one_state_at_a_time(model, rows, config):
     """Every student state of every row through the plain (unpacked) path, summed."""
     consistency = ar = None
     states = 0
-    for state_index in range(max(len(row["states"]) for row in rows) - 1):
-        eligible = [row for row in rows if len(row["states"]) - 1 > state_index]
-        output = compute_losses(model, collate_states(eligible, PAD, labels=True, state_indices=[state_index] * len(eligible)), config)
+    for state_index in range(max(len(row.states) for row in rows) - 1):
+        eligible = [row for row in rows if len(row.states) - 1 > state_index]
+        batch = collate_states(eligible, PAD, labels=True, state_indices=[state_index] * len(eligible))
+        output = compute_losses(model, batch, config)
         consistency = output.consistency if consistency is None else consistency + output.consistency
         states += output.states
     ar = compute_losses(model, collate_states(rows, PAD, labels=True), config).ar
@@ -162,8 +165,8 @@ def test_labels_target_and_total(model_and_rows):
     fixed = compute_losses(model, batch, LossConfig(ar_weight=10.0))
     labels = compute_losses(model, batch, LossConfig(ar_target="labels", ar_weight=2.0))
     # AR trains generated ids only, never the prompt: earlier blocks + the fixed point, or the answer
-    assert int(fixed.ar.tokens) == sum(row["block_index"] * 5 + row["fixed_length"] for row in rows)
-    assert int(labels.ar.tokens) == sum(len(row["label_ids"]) for row in rows)
+    assert int(fixed.ar.tokens) == sum(row.block_index * 5 + row.fixed_length for row in rows)
+    assert int(labels.ar.tokens) == sum(len(row.label_ids) for row in rows)
     torch.testing.assert_close(fixed.loss, fixed.consistency.mean() + 10.0 * fixed.ar.mean())
     torch.testing.assert_close(labels.loss, labels.consistency.mean() + 2.0 * labels.ar.mean())
     with pytest.raises(ValueError, match="labels=True"):

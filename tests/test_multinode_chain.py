@@ -29,8 +29,8 @@ N_TOKEN = 4
 
 def build_tiny_model(directory: Path) -> None:
     """A tiny random Llama and a byte-level BPE tokenizer, saved as a Hugging Face model dir."""
-    from cllm.models import tiny_model
-    from cllm.toy import ToyConfig, train_tokenizer
+    from cllm.hf import tiny_model
+    from cllm.toy.teacher import ToyConfig, train_tokenizer
 
     tokenizer = train_tokenizer(ToyConfig(domain="math", vocab_size=300, tokenizer_corpus_docs=200))
     model = tiny_model("llama", vocab_size=len(tokenizer), seed=0)
@@ -46,7 +46,8 @@ def submit(ray_cluster, *args: str, timeout: float = 900):
     import subprocess
 
     ray_cli = str(Path(sys.executable).with_name("ray"))  # the venv's, as the ray_cluster fixture uses
-    command = [ray_cli, "job", "submit", "--address", ray_cluster.dashboard_url, "--runtime-env", RUNTIME_ENV, "--", *args]
+    command = [ray_cli, "job", "submit", "--address", ray_cluster.dashboard_url, "--runtime-env", RUNTIME_ENV,
+               "--", *args]
     return subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=timeout)
 
 
@@ -88,7 +89,8 @@ def test_collect_train_load_across_two_nodes_through_s3_only(ray_cluster, s3_ser
         *endpoint,
     ), "collect")
 
-    from cllm.data import read_trajectories, storage_options
+    from cllm.data import read_trajectories
+    from cllm.storage import storage_options
 
     table = read_trajectories(trajectories_uri, storage_options(s3_server.endpoint_url))
     assert table.num_rows >= len(prompts), "collect wrote fewer rows than prompts"

@@ -9,26 +9,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from tokenizers import Tokenizer, models, processors
-from transformers import PreTrainedTokenizerFast
+from helpers import char_tokenizer
 
 from cllm.prompts import BadRowError, detect_format, load_prompts
-
-SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
-CHARACTERS = [chr(code) for code in range(32, 127)] + ["\n"]
-
-
-def char_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
-    """A character-level tokenizer (100 ids, fits a 128-token tiny model) that prepends <bos>."""
-    vocab = {token: index for index, token in enumerate(SPECIALS + CHARACTERS)}
-    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
-    tokenizer = PreTrainedTokenizerFast(
-        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
-    )
-    if chat_template:
-        tokenizer.chat_template = chat_template
-    return tokenizer
+from cllm.toy.tasks import toy_prompts
 
 
 def write_jsonl(path: Path, rows: list) -> Path:
@@ -180,9 +164,8 @@ def test_reads_from_s3(s3_server, tokenizer):
 
 
 def test_toy_sources(tokenizer):
-    toy = pytest.importorskip("cllm.toy")
     records, bad = load_prompts("toy-math:heldout", tokenizer, limit=3)
-    expected = toy.toy_prompts("heldout", "math", limit=3)
+    expected = toy_prompts("heldout", "math", limit=3)
     assert bad == [] and [r.prompt_id for r in records] == [p.prompt_id for p in expected]
     assert records[0].prompt_ids == ids(tokenizer, expected[0].prompt)
     assert records[0].label_ids[-1] == tokenizer.eos_token_id
@@ -191,8 +174,7 @@ def test_toy_sources(tokenizer):
 
 def test_duplicate_prompts_are_skipped_as_bad_rows(tokenizer):
     """Toy code has a few functions with the same docstring: the same prompt, hence the same id."""
-    toy = pytest.importorskip("cllm.toy")
-    expected = toy.toy_prompts("heldout", "code")
+    expected = toy_prompts("heldout", "code")
     records, bad = load_prompts("toy-code:heldout", tokenizer)
     duplicates = [b for b in bad if "duplicate of row" in b.reason]
     assert duplicates and len(records) + len(duplicates) == len(expected)

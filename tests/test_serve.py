@@ -113,7 +113,7 @@ def server(tmp_path_factory):
     import ray
     from ray import serve
 
-    from serve.app import BuilderArgs, build_app
+    from cllm_serve.app import BuilderArgs, build_app
 
     torch.set_num_threads(1)  # the machine is small and shared; replicas have their own threads
     path = str(tmp_path_factory.mktemp("tiny-model"))
@@ -474,10 +474,10 @@ def test_autoscaling_up_under_load_and_back_down(server):
 def decoder_options(config: dict) -> dict:
     from ray.serve.schema import ServeDeploySchema
 
-    from serve.app import BuilderArgs
+    from cllm_serve.app import BuilderArgs
 
     application = ServeDeploySchema.model_validate(config).applications[0]
-    assert application.import_path == "serve.app:build_app"
+    assert application.import_path == "cllm_serve.app:build_app"  # the installed name: any node imports it
     BuilderArgs.model_validate(application.args)  # what `serve run` will hand to the builder
     decoder = next(deployment for deployment in application.deployments if deployment.name == "Decoder")
     return decoder.dict(exclude_unset=True)
@@ -507,13 +507,13 @@ def checkpoint(tmp_path_factory) -> str:
 
 def new_decoder(path: str, **settings):
     """The Decoder deployment's class itself, constructed directly (what a replica runs)."""
-    from serve.decoder import Decoder, DecoderSettings
+    from cllm_serve.decoder import Decoder, DecoderSettings
 
     return Decoder.func_or_class(DecoderSettings(model=path, **settings))
 
 
 def test_stop_text_assembler_holds_back_what_may_become_a_stop():
-    from serve.batching import StopTextAssembler
+    from cllm_serve.batching import StopTextAssembler
 
     words = {1: "a", 2: " b", 3: "c", 4: " E", 5: "ND", 6: " x"}
     text = StopTextAssembler(lambda ids: "".join(words[i] for i in ids), stop=[" END"])
@@ -527,7 +527,7 @@ def test_stop_text_assembler_holds_back_what_may_become_a_stop():
 
 
 def test_token_stream_keeps_its_own_max_tokens_and_eos():
-    from serve.batching import Finished, StopTextAssembler, TextDelta, TokenStream
+    from cllm_serve.batching import Finished, StopTextAssembler, TextDelta, TokenStream
 
     async def run() -> list:
         loop = asyncio.get_running_loop()
@@ -554,8 +554,8 @@ def test_token_stream_keeps_its_own_max_tokens_and_eos():
 
 
 def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoint):
-    from serve.batching import Accepted, Finished, TextDelta
-    from serve.decoder import DecodeRequest
+    from cllm_serve.batching import Accepted, Finished, TextDelta
+    from cllm_serve.decoder import DecodeRequest
 
     torch.set_num_threads(1)
     decoder = new_decoder(checkpoint, n_token=4, batch_wait_ms=200)
@@ -582,7 +582,7 @@ def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoin
 
 
 def test_decoder_ar_mode_equals_greedy_ar(checkpoint):
-    from serve.decoder import DecodeRequest
+    from cllm_serve.decoder import DecodeRequest
 
     decoder = new_decoder(checkpoint, mode="ar")
     reference = Reference(checkpoint)
@@ -592,8 +592,8 @@ def test_decoder_ar_mode_equals_greedy_ar(checkpoint):
 
 
 def test_decoder_rejects_what_it_cannot_serve(checkpoint):
-    from serve.batching import Rejected
-    from serve.decoder import DecodeRequest
+    from cllm_serve.batching import Rejected
+    from cllm_serve.decoder import DecodeRequest
 
     decoder = new_decoder(checkpoint, n_token=4, max_n_token=8)
 
@@ -613,7 +613,7 @@ def test_decoder_rejects_what_it_cannot_serve(checkpoint):
 
 
 def test_cancelled_request_stops_its_row(checkpoint):
-    from serve.decoder import DecodeRequest
+    from cllm_serve.decoder import DecodeRequest
 
     decoder = new_decoder(checkpoint, n_token=1)
 

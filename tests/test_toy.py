@@ -9,11 +9,16 @@ import pytest
 import torch
 
 from cllm import toy
-from cllm.models import load_model
+from cllm.hf import load_model
+from cllm.metrics import repetition_rate
+from cllm.toy import code as toy_code
+from cllm.toy import math as toy_math
+from cllm.toy import teacher
+from cllm.toy.tasks import check_answer, toy_prompts
 
 # A teacher that builds in seconds: the real pipeline (tokenizer, training, held-out loss, save)
 # with a toy-sized model and budget.
-TINY = toy.ToyConfig(
+TINY = teacher.ToyConfig(
     domain="math", vocab_size=300, tokenizer_corpus_docs=300, hidden_size=32, intermediate_size=64,
     num_layers=2, num_heads=2, max_length=128, train_tokens=16_000, batch_size=8, learning_rate=1e-2,
     eval_prompts=8, threads=1,
@@ -32,7 +37,7 @@ def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> boo
 def tiny_build(tmp_path_factory):
     """(cache root, model, tokenizer) of one tiny math teacher, built once for this module."""
     root = tmp_path_factory.mktemp("cllm-cache")
-    model, tokenizer = toy.load_toy("math", TINY, cache_dir=root)
+    model, tokenizer = teacher.load_toy("math", TINY, cache_dir=root)
     return root, model, tokenizer
 
 
@@ -40,21 +45,21 @@ def tiny_build(tmp_path_factory):
 
 
 def test_math_prompts_are_formatted_stable_and_distinct():
-    prompts = toy.toy_prompts("heldout", "math", limit=50)
-    assert prompts == toy.toy_prompts("heldout", "math", limit=50)
+    prompts = toy_prompts("heldout", "math", limit=50)
+    assert prompts == toy_prompts("heldout", "math", limit=50)
     assert len({p.prompt_id for p in prompts}) == len({p.prompt for p in prompts}) == 50
     for p in prompts:
         assert p.prompt.startswith("Question: ") and p.prompt.endswith("\nAnswer:")
-        assert toy.math_final_number(p.answer) is not None
+        assert toy_math.final_number(p.answer) is not None
         assert p.domain == "math" and p.split == "heldout"
-    assert len(toy.toy_prompts("train", "math")) == toy.MATH_TRAIN_PROMPTS
+    assert len(toy_prompts("train", "math")) == toy_math.TRAIN_PROMPTS
 
 
 def test_math_answers_are_arithmetically_right():
-    for p in toy.toy_prompts("train", "math", limit=300):
+    for p in toy_prompts("train", "math", limit=300):
         for left, op, right, result in _equations(p.answer):
             assert (left + right if op == "+" else left - right) == result, p.answer
-        assert toy.math_final_number(p.answer) == result  # the last step's result
+        assert toy_math.final_number(p.answer) == result  # the last step's result
 
 
 def _equations(answer: str) -> list[tuple[int, str, int, int]]:
@@ -64,9 +69,9 @@ def _equations(answer: str) -> list[tuple[int, str, int, int]]:
 
 
 def test_math_splits_share_no_question():
-    train = {p.prompt for p in toy.toy_prompts("train", "math", limit=20_000)}
-    heldout = {p.prompt for p in toy.toy_prompts("heldout", "math")}
-    assert len(heldout) == toy.MATH_HELDOUT_PROMPTS
+    train = {p.prompt for p in toy_prompts("train", "math", limit=20_000)}
+    heldout = {p.prompt for p in toy_prompts("heldout", "math")}
+    assert len(heldout) == toy_math.HELDOUT_PROMPTS
     assert not train & heldout
 
 
@@ -85,7 +90,7 @@ def one_liner():
 def undocumented():
     return 1
 '''
-    pairs = list(toy.function_pairs(source))
+    pairs = list(toy_code.function_pairs(source))
     assert pairs == [
         ("size", "Return the size,\nscaled.",
          "def size(self, scale):\n    value = self.width * scale\n    return value"),
@@ -94,7 +99,7 @@ def undocumented():
 
 @pytest.mark.slow  # parses the whole standard library (several seconds)
 def test_code_splits_share_no_module():
-    corpus = toy.code_corpus()
+    corpus = toy_code.corpus()
     train, heldout = corpus["train"], corpus["heldout"]
     assert len(train) > 1000 and len(heldout) > 50
 
@@ -104,11 +109,11 @@ def test_code_splits_share_no_module():
     assert not modules(train) & modules(heldout)
     assert not {p.prompt for p in train} & {p.prompt for p in heldout}
     for p in train[:200] + heldout[:50]:
-        assert p.prompt.startswith(toy.CODE_PROMPT_PREFIX) and p.prompt.endswith(toy.CODE_PROMPT_SEPARATOR)
+        assert p.prompt.startswith(toy_code.PROMPT_PREFIX) and p.prompt.endswith(toy_code.PROMPT_SEPARATOR)
         assert p.answer.startswith(("def ", "async def "))
         parts = p.source.split("/")
         assert not {"test", "tests", "idlelib", "turtledemo", "lib2to3"} & set(parts)
-    assert [p.prompt_id for p in train] == [p.prompt_id for p in toy.code_corpus()["train"]]  # stable
+    assert [p.prompt_id for p in train] == [p.prompt_id for p in toy_code.corpus()["train"]]  # stable
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -116,18 +121,18 @@ def test_code_splits_share_no_module():
 
 def test_check_answer_compares_the_final_number():
     reference = " Tom starts with 3 apples. Tom has 3 + 4 = 7 apples. The answer is 7."
-    assert toy.check_answer("math", "Tom has 3 + 4 = 7 apples. The answer is 7.", reference) is True
-    assert toy.check_answer("math", "Tom has 3 + 4 = 8 apples. The answer is 8.", reference) is False
-    assert toy.check_answer("math", "Tom has 3 + 4 = 7 apples.", reference) is False  # no final line
-    assert toy.check_answer(None, "The answer is 17.", reference) is False  # None: the default domain
-    assert toy.check_answer("code", "def f(): pass", "def f(): pass") is None
+    assert check_answer("math", "Tom has 3 + 4 = 7 apples. The answer is 7.", reference) is True
+    assert check_answer("math", "Tom has 3 + 4 = 8 apples. The answer is 8.", reference) is False
+    assert check_answer("math", "Tom has 3 + 4 = 7 apples.", reference) is False  # no final line
+    assert check_answer(None, "The answer is 17.", reference) is False  # None: the default domain
+    assert check_answer("code", "def f(): pass", "def f(): pass") is None
 
 
 def test_repetition_rate():
-    assert toy.repetition_rate(list(range(20))) == 0.0
-    assert toy.repetition_rate([1, 2, 3]) == 0.0
-    assert toy.repetition_rate([5, 6] * 20) > 0.9
-    assert toy.repetition_rate([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
+    assert repetition_rate(list(range(20))) == 0.0
+    assert repetition_rate([1, 2, 3]) == 0.0
+    assert repetition_rate([5, 6] * 20) > 0.9
+    assert repetition_rate([1, 2, 3, 4, 1, 2, 3, 4]) == pytest.approx(1 - 4 / 5)
 
 
 # -- tokenizer ----------------------------------------------------------------------------------
@@ -149,19 +154,19 @@ def test_math_tokenizer_splits_digits_and_adds_bos(tiny_build):
 
 def test_build_saves_and_reloads(tiny_build):
     root, model, tokenizer = tiny_build
-    directory = toy.teacher_dir("math", root)
+    directory = teacher.teacher_dir("math", root)
     assert directory == root / f"toy-{toy.TOY_VERSION}" / "math"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", toy.BUILD_INFO_FILE):
+    for name in ("model.safetensors", "config.json", "tokenizer.json", teacher.BUILD_INFO_FILE):
         assert (directory / name).is_file(), name
-    info = toy.toy_build_info("math", root)
+    info = teacher.toy_build_info("math", root)
     assert info["config"] == dataclasses.asdict(TINY)
     assert info["training"]["tokens"] >= TINY.train_tokens
     assert info["parameters"] == sum(p.numel() for p in model.parameters())
     assert 0 < info["heldout_answer_loss"] < 10
 
-    reloaded, reloaded_tokenizer = toy.load_toy("math", cache_dir=root)
+    reloaded, reloaded_tokenizer = teacher.load_toy("math", cache_dir=root)
     assert _same_weights(_state(model), _state(reloaded))
-    prompt = toy.toy_prompts("heldout", "math", limit=1)[0].prompt
+    prompt = toy_prompts("heldout", "math", limit=1)[0].prompt
     ids = torch.tensor([tokenizer(prompt)["input_ids"]])
     assert reloaded_tokenizer(prompt)["input_ids"] == ids[0].tolist()
     with torch.no_grad():
@@ -170,10 +175,10 @@ def test_build_saves_and_reloads(tiny_build):
 
 def test_second_load_reuses_the_cache(tiny_build, capsys):
     root, _, _ = tiny_build
-    weights = toy.teacher_dir("math", root) / "model.safetensors"
+    weights = teacher.teacher_dir("math", root) / "model.safetensors"
     before = weights.stat().st_mtime_ns
-    toy.load_toy("math", TINY, cache_dir=root)  # same config: reuse
-    toy.load_toy(cache_dir=root)  # no config, default domain (math): reuse whatever is built
+    teacher.load_toy("math", TINY, cache_dir=root)  # same config: reuse
+    teacher.load_toy(cache_dir=root)  # no config, default domain (math): reuse whatever is built
     assert weights.stat().st_mtime_ns == before
     assert "building" not in capsys.readouterr().err
 
@@ -189,32 +194,42 @@ def test_load_model_finds_the_toy_teacher_through_cllm_cache(tiny_build, monkeyp
 
 def test_training_lowers_the_heldout_loss(tiny_build):
     root, model, tokenizer = tiny_build
-    untrained = toy.new_teacher(TINY, tokenizer)
-    prompts = toy.toy_prompts("heldout", "math", limit=8)
-    trained_loss = toy.toy_build_info("math", root)["heldout_answer_loss"]
-    assert trained_loss == pytest.approx(toy.heldout_loss(model, tokenizer, prompts, TINY.max_length))
-    assert trained_loss < toy.heldout_loss(untrained, tokenizer, prompts, TINY.max_length) - 0.5
+    untrained = teacher.new_teacher(TINY, tokenizer)
+    prompts = toy_prompts("heldout", "math", limit=8)
+    trained_loss = teacher.toy_build_info("math", root)["heldout_answer_loss"]
+    assert trained_loss == pytest.approx(teacher.heldout_loss(model, tokenizer, prompts, TINY.max_length))
+    assert trained_loss < teacher.heldout_loss(untrained, tokenizer, prompts, TINY.max_length) - 0.5
 
 
 @pytest.mark.slow  # two more tiny builds
 def test_same_seed_same_tokenizer_and_weights(tiny_build, tmp_path):
     root, model, tokenizer = tiny_build
-    again, again_tokenizer = toy.load_toy("math", TINY, cache_dir=tmp_path / "again")
+    again, again_tokenizer = teacher.load_toy("math", TINY, cache_dir=tmp_path / "again")
     assert again_tokenizer.get_vocab() == tokenizer.get_vocab()
-    first = json.loads((toy.teacher_dir("math", root) / "tokenizer.json").read_text())["model"]
-    second = json.loads((toy.teacher_dir("math", tmp_path / "again") / "tokenizer.json").read_text())["model"]
+    first = json.loads((teacher.teacher_dir("math", root) / "tokenizer.json").read_text())["model"]
+    second = json.loads((teacher.teacher_dir("math", tmp_path / "again") / "tokenizer.json").read_text())["model"]
     assert first["merges"] == second["merges"]
     assert _same_weights(_state(model), _state(again))
 
-    reseeded, _ = toy.load_toy("math", dataclasses.replace(TINY, seed=1), cache_dir=tmp_path / "again")
+    reseeded, _ = teacher.load_toy("math", dataclasses.replace(TINY, seed=1), cache_dir=tmp_path / "again")
     assert not _same_weights(_state(model), _state(reseeded))
-    assert toy.toy_build_info("math", tmp_path / "again")["config"]["seed"] == 1  # rebuilt in place
+    assert teacher.toy_build_info("math", tmp_path / "again")["config"]["seed"] == 1  # rebuilt in place
 
 
 def test_unknown_domain_and_split_are_refused():
     with pytest.raises(ValueError, match="domain"):
-        toy.toy_prompts("train", "poetry")
+        toy_prompts("train", "poetry")
     with pytest.raises(ValueError, match="split"):
-        toy.toy_prompts("dev", "math")
+        toy_prompts("dev", "math")
     with pytest.raises(ValueError, match="domain"):
-        toy.load_toy("code", TINY)
+        teacher.load_toy("code", TINY)
+
+
+def test_toy_names_are_parsed_in_one_place():
+    assert toy.parse_toy_name("toy") == toy.ToyName("math", "train")
+    assert toy.parse_toy_name("toy-code:heldout") == toy.ToyName("code", "heldout")
+    assert toy.parse_toy_name("toy-math:train") == toy.ToyName("math", "train")
+    for other in ("Qwen/Qwen2.5-0.5B", "runs/demo/cllm/hf", "s3://bucket/model", "toys", "toy-poetry"):
+        assert toy.parse_toy_name(other) is None
+    with pytest.raises(ValueError, match="split"):
+        toy.parse_toy_name("toy:dev")

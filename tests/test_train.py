@@ -6,23 +6,22 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from test_collate import PAD, trajectory_rows
+from helpers import PAD, trajectory_rows
 
 from cllm import jacobi_generate, tiny_model
 from cllm.collate import collate_packed
 from cllm.data import rows_to_table, write_shard
 from cllm.losses import LossConfig, compute_losses
+from cllm_pipelines import train
+from cllm_pipelines.common import FAULT_MARKER_ENV
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO_ROOT))
-from pipelines import train
 
 VOCAB = 64
 N_TOKEN = 4
@@ -89,7 +88,8 @@ def test_input_checks_stop_before_any_worker(tiny_run_inputs, tmp_path, capsys):
     assert "part-0.parquet" in message and "states" in message
 
     small_model = save_tiny_model(tmp_path / "small-model", vocab_size=32)
-    message = run_checks(capsys, "--model", str(small_model), "--output", str(tmp_path / "o"), "--trajectories", str(shards))
+    message = run_checks(capsys, "--model", str(small_model), "--output", str(tmp_path / "o"),
+                         "--trajectories", str(shards))
     assert "vocabulary has 32 ids" in message
 
     bad_config = tmp_path / "zero.json"
@@ -102,15 +102,32 @@ def test_input_checks_stop_before_any_worker(tiny_run_inputs, tmp_path, capsys):
     assert "--warmup-fraction" in run_checks(capsys, *base, "--trajectories", str(shards), "--warmup-fraction", "1")
 
 
+def test_a_model_at_an_s3_uri_passes_the_input_checks(tiny_run_inputs, s3_server, tmp_path, capsys, monkeypatch):
+    """Train reads the model reference the way collect, evaluate and serve do (cllm.hf): an s3://
+    model directory is fine, and its facts (here the vocabulary) are the checked ones."""
+    model, shards = tiny_run_inputs
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
+    filesystem = s3_server.filesystem()
+    filesystem.put(str(model).rstrip("/") + "/", f"{s3_server.bucket}/models/tiny", recursive=True)
+    small = save_tiny_model(tmp_path / "small", vocab_size=32)
+    filesystem.put(str(small).rstrip("/") + "/", f"{s3_server.bucket}/models/small", recursive=True)
+    message = run_checks(capsys, "--model", s3_server.uri("models/small"), "--trajectories", str(shards),
+                         "--output", str(tmp_path / "o"))
+    assert "vocabulary has 32 ids" in message
+    facts = train.model_facts(s3_server.uri("models/tiny"))
+    assert facts.vocab_size == VOCAB and facts.pad_id == 0
+
+
 def test_shipped_deepspeed_configs_are_zero_2_and_3():
-    assert train.read_deepspeed_config(str(REPO_ROOT / "cluster/deepspeed/zero2.json"))["zero_optimization"]["stage"] == 2
-    assert train.read_deepspeed_config(str(REPO_ROOT / "cluster/deepspeed/zero3.json"))["zero_optimization"]["stage"] == 3
+    for stage in (2, 3):
+        config = train.read_deepspeed_config(str(REPO_ROOT / f"cluster/deepspeed/zero{stage}.json"))
+        assert config["zero_optimization"]["stage"] == stage
     settings = train.engine_config(
         train.TrainSettings(
             model="m", output="o", s3_endpoint=None, deepspeed_config={"zero_optimization": {"stage": 2}},
             loss=LossConfig(), packed=True, epochs=1, max_steps=None, lr=1e-3, lr_schedule="cosine",
             warmup_fraction=0.0, total_steps=10, batch_size=3, grad_accum=2, seed=0, checkpoint_every=1,
-            pad_token_id=0, fault_marker=None,
+            pad_token_id=0,
         ),
         world_size=2, use_gpu=False,
     )
@@ -122,7 +139,7 @@ def schedule_rates(schedule: str, total_steps: int, warmup_fraction: float) -> l
     settings = train.TrainSettings(
         model="m", output="o", s3_endpoint=None, deepspeed_config={}, loss=LossConfig(), packed=True, epochs=1,
         max_steps=None, lr=1e-3, lr_schedule=schedule, warmup_fraction=warmup_fraction, total_steps=total_steps,
-        batch_size=1, grad_accum=1, seed=0, checkpoint_every=1, pad_token_id=0, fault_marker=None,
+        batch_size=1, grad_accum=1, seed=0, checkpoint_every=1, pad_token_id=0,
     )
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
     scheduler = train.lr_scheduler(optimizer, settings)
@@ -174,12 +191,10 @@ def check_export(hf_directory: Path) -> None:
 def test_zero2_resumes_after_a_worker_failure(ray_cluster, tiny_run_inputs, tmp_path):
     model, shards = tiny_run_inputs
     output, marker = tmp_path / "cllm", tmp_path / "failed-once"
-    run = ray_cluster.submit(
-        "python", "pipelines/train.py", "--model", str(model), "--trajectories", str(shards),
-        "--output", str(output), "--workers", "2", "--deepspeed", "cluster/deepspeed/zero2.json",
-        "--batch-size", "4", "--max-steps", "8", "--epochs", "10", "--lr", "3e-3", "--checkpoint-every", "3",
-        "--fault-marker", str(marker),
-    )
+    args = ["python", "pipelines/train.py", "--model", str(model), "--trajectories", str(shards),
+            "--output", str(output), "--workers", "2", "--deepspeed", "cluster/deepspeed/zero2.json",
+            "--batch-size", "4", "--epochs", "10", "--lr", "3e-3", "--checkpoint-every", "3", "--verbose"]
+    run = ray_cluster.submit(*args, "--max-steps", "8", job_env={FAULT_MARKER_ENV: str(marker)})
     log = run.stdout + run.stderr
     print(log)
     assert run.returncode == 0, log[-4000:]
@@ -192,6 +207,17 @@ def test_zero2_resumes_after_a_worker_failure(ray_cluster, tiny_run_inputs, tmp_
     assert losses[8] < losses[1]
     summary = json.loads(log[log.rindex('{"steps"'):].splitlines()[0])
     assert summary["steps"] == 8
+    check_export(output / "hf")
+
+    # Rerunning with the same --output resumes from the last checkpoint (step 8), without --verbose:
+    # one progress line and a summary instead of a line per step.
+    rerun = ray_cluster.submit(*args[:-1], "--max-steps", "10")
+    log = rerun.stdout + rerun.stderr
+    assert rerun.returncode == 0, log[-4000:]
+    assert "resuming from the checkpoint at step 8" in log
+    assert not step_losses(log)
+    assert "train: 100% 10/10 steps" in log and "train: finished step 10 of 10: loss" in log, log[-3000:]
+    assert json.loads(log[log.rindex('{"steps"'):].splitlines()[0])["steps"] == 10
     check_export(output / "hf")
 
 
@@ -207,6 +233,7 @@ def test_zero3_job_submit_from_s3_exports_a_model(ray_cluster, s3_server, tiny_r
         "--trajectories", s3_server.uri("train-trajectories"), "--s3-endpoint", s3_server.endpoint_url,
         "--output", str(output), "--workers", "2", "--deepspeed", "cluster/deepspeed/zero3.json",
         "--batch-size", "4", "--lr", "3e-3", "--checkpoint-every", "4", "--loss", "local", "--no-packed",
+        "--gradient-checkpointing", "--verbose",
     ]
     run = ray_cluster.submit(*args, "--max-steps", "6", "--epochs", "10")
     print(run.stdout + run.stderr)
@@ -225,7 +252,8 @@ def batched_tpf(model, prompts: list[list[int]], n_token: int, max_new_tokens: i
     width = max(len(prompt) for prompt in prompts)
     input_ids = torch.tensor([[PAD] * (width - len(p)) + p for p in prompts])
     attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    output = jacobi_generate(model, input_ids, attention_mask, n_token=n_token, max_new_tokens=max_new_tokens, pad_token_id=PAD)
+    output = jacobi_generate(model, input_ids, attention_mask, n_token=n_token, max_new_tokens=max_new_tokens,
+                             pad_token_id=PAD)
     return output.stats.total.tokens_per_forward
 
 

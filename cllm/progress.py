@@ -1,0 +1,63 @@
+"""One progress line per long-running stage: rewritten in place on a terminal, printed at most
+every `log_interval_s` seconds otherwise (job logs, CI), and closed with a summary line."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+
+def format_seconds(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
+class Progress:
+    """`update(done, detail)` reports `done` out of `total` units; the line shows the share,
+    the rate, the elapsed time and an ETA."""
+
+    def __init__(self, description: str, total: float, unit: str = "it", stream: TextIO | None = None,
+                 log_interval_s: float = 10.0, tty_interval_s: float = 0.25):
+        self.description, self.total, self.unit = description, total, unit
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = self.stream.isatty()
+        self.interval = tty_interval_s if self.tty else log_interval_s
+        self.started = time.monotonic()
+        self.last_shown = -float("inf")
+        self.done = 0.0
+        self.detail = ""
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.started
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        share = min(self.done / self.total, 1.0) if self.total else 1.0
+        eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+        eta_text = format_seconds(eta) if eta != float("inf") else "?"
+        detail = f" {self.detail}" if self.detail else ""
+        return (f"{self.description}: {share:4.0%} {self.done:.0f}/{self.total:.0f} {self.unit} "
+                f"[{format_seconds(elapsed)} < {eta_text}, {rate:.2f} {self.unit}/s]{detail}")
+
+    def update(self, done: float, detail: str = "") -> None:
+        self.done, self.detail = done, detail
+        now = time.monotonic()
+        if now - self.last_shown >= self.interval:
+            self.last_shown = now
+            self._show(self.line())
+
+    def close(self, summary: str = "") -> None:
+        """The final state and a summary line."""
+        self._show(self.line())
+        if self.tty:
+            self.stream.write("\n")
+        if summary:
+            self.stream.write(f"{self.description}: {summary}\n")
+        self.stream.flush()
+
+    def _show(self, text: str) -> None:
+        if self.tty:
+            self.stream.write("\r\033[K" + text)
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()

@@ -1,0 +1,382 @@
+"""Toy teachers: tiny Llama models that the project trains itself, so everything runs offline.
+
+Each domain gets a byte-level BPE tokenizer trained on its own training split and a small
+`LlamaForCausalLM` trained from scratch with a fixed seed and token budget (minutes on a CPU).
+A teacher is built on first use and cached under `$CLLM_CACHE` (default `~/.cache/cllm`) in
+`toy-<TOY_VERSION>/<domain>/`; a file lock stops two processes from building it at once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from filelock import FileLock
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from cllm.device import default_device
+from cllm.metrics import answer_loss, right_pad
+from cllm.progress import Progress, format_seconds
+from cllm.schedule import warmup_cosine
+from cllm.toy import DEFAULT_DOMAIN, DOMAINS, TOY_VERSION, ToyPrompt, resolve_domain
+from cllm.toy import code as code_task
+from cllm.toy import math as math_task
+from cllm.toy.tasks import toy_prompts
+
+PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
+BUILD_INFO_FILE = "toy_build.json"
+
+
+@dataclass(frozen=True)
+class ToyConfig:
+    """Everything that determines a toy teacher. Same config, same machine: same weights."""
+
+    domain: str = DEFAULT_DOMAIN
+    seed: int = 0
+    # tokenizer
+    vocab_size: int = 512
+    tokenizer_corpus_docs: int = 20_000  # documents the BPE is trained on
+    # model (Llama)
+    hidden_size: int = 256
+    intermediate_size: int = 768
+    num_layers: int = 4
+    num_heads: int = 4
+    max_length: int = 256  # context length; longer documents are truncated in training
+    # training
+    train_tokens: int = 2_500_000  # the fixed budget: non-padding tokens fed to the model
+    max_seconds: float | None = None  # safety cap; stopping on it makes the build non-reproducible
+    batch_size: int = 16
+    learning_rate: float = 2e-3
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.03
+    loss_on_prompt: bool = False  # False: only answer tokens (and EOS) carry loss
+    raw_text_fraction: float = 0.0  # code: share of training documents that are raw stdlib source
+    threads: int = 2
+    # held-out evaluation recorded with the build
+    eval_prompts: int = 200
+
+    def __post_init__(self) -> None:
+        if self.domain not in DOMAINS:
+            raise ValueError(f"unknown toy domain {self.domain!r}; choose from {DOMAINS}")
+
+
+def default_config(domain: str | None = None) -> ToyConfig:
+    """The configuration of the teacher `load_toy(domain)` builds."""
+    domain = resolve_domain(domain)
+    if domain == "math":
+        # The smallest size and budget that master the task in minutes on a CPU: a larger model
+        # learns no faster per token and runs slower; a smaller budget leaves answers wrong.
+        return ToyConfig(domain="math", hidden_size=192, intermediate_size=512, batch_size=32,
+                         train_tokens=5_000_000)
+    # Code is slow per token on a CPU at this size and context: 1M tokens fits the ~10 minute
+    # build budget, and the teacher stays weak and loopy.
+    return ToyConfig(
+        domain="code",
+        train_tokens=1_000_000,
+        vocab_size=2048,
+        tokenizer_corpus_docs=8_000,
+        max_length=384,
+        batch_size=8,
+        learning_rate=1.5e-3,
+        loss_on_prompt=True,
+        raw_text_fraction=0.3,
+    )
+
+
+# -- tokenizer ---------------------------------------------------------------------------------
+
+
+def _tokenizer_corpus(config: ToyConfig) -> list[str]:
+    if config.domain == "math":
+        stream = math_task.training_documents(config.seed)
+        examples = (next(stream) for _ in range(config.tokenizer_corpus_docs))
+        return [example.prompt + example.answer for example in examples]
+    pairs = [example.prompt + example.answer for example in code_task.corpus()["train"]]
+    return pairs[: config.tokenizer_corpus_docs] + code_task.raw_texts()
+
+
+def train_tokenizer(config: ToyConfig) -> PreTrainedTokenizerFast:
+    """Byte-level BPE on the domain's training split (digits split one by one for math), with
+    `<pad>`, `<bos>`, `<eos>`; encoding a text prepends `<bos>`."""
+    tokenizer = Tokenizer(models.BPE())
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if config.domain == "math":
+        # One token per digit keeps arithmetic learnable: no arbitrary multi-digit merges.
+        tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
+            [pre_tokenizers.Digits(individual_digits=True), byte_level]
+        )
+    else:
+        tokenizer.pre_tokenizer = byte_level
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=config.vocab_size,
+        special_tokens=[PAD, BOS, EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(_tokenizer_corpus(config), trainer=trainer)
+    bos_id = tokenizer.token_to_id(BOS)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+        model_max_length=config.max_length, padding_side="left",
+    )
+
+
+# -- training ----------------------------------------------------------------------------------
+
+
+def new_teacher(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
+    """A freshly initialised Llama sized by `config`, seeded by `config.seed`."""
+    llama = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads,
+        max_position_embeddings=config.max_length,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        return LlamaForCausalLM(llama)
+
+
+@dataclass
+class _Encoded:
+    ids: list[int]
+    prompt_length: int  # tokens (bos included) that carry no loss unless loss_on_prompt
+
+
+def _encode(tokenizer: PreTrainedTokenizerFast, example: ToyPrompt, max_length: int) -> _Encoded:
+    prompt_ids = tokenizer(example.prompt)["input_ids"]
+    answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
+    ids = (prompt_ids + answer_ids + [tokenizer.eos_token_id])[:max_length]
+    return _Encoded(ids, len(prompt_ids))
+
+
+def _raw_chunks(tokenizer: PreTrainedTokenizerFast, max_length: int) -> list[_Encoded]:
+    """Training-module source cut into context-sized windows (all tokens carry loss)."""
+    chunks = []
+    step = max_length - 1
+    for text in code_task.raw_texts():
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        for start in range(0, len(ids), step):
+            chunks.append(_Encoded([tokenizer.bos_token_id] + ids[start : start + step], 1))
+    return chunks
+
+
+def _training_documents(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -> Iterator[_Encoded]:
+    """Endless, seeded stream of encoded training documents."""
+    if config.domain == "math":
+        for example in math_task.training_documents(config.seed):
+            yield _encode(tokenizer, example, config.max_length)
+        return
+    pairs = [_encode(tokenizer, example, config.max_length) for example in code_task.corpus()["train"]]
+    raw = _raw_chunks(tokenizer, config.max_length) if config.raw_text_fraction > 0 else []
+    rng = random.Random(f"toy-code-stream-{config.seed}")
+    while True:  # epochs over the pairs, with raw chunks mixed in at the configured rate
+        order = list(range(len(pairs)))
+        rng.shuffle(order)
+        for index in order:
+            while raw and rng.random() < config.raw_text_fraction:
+                yield rng.choice(raw)
+            yield pairs[index]
+
+
+def _batches(documents: Iterator[_Encoded], batch_size: int, pad_id: int,
+             loss_on_prompt: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, attention_mask, labels); padding, and the prompt unless
+    `loss_on_prompt`, carry no loss. Documents are grouped by length within a window of 8
+    batches so that little compute goes to padding."""
+    while True:
+        window = sorted((next(documents) for _ in range(8 * batch_size)), key=lambda d: len(d.ids))
+        for start in range(0, len(window), batch_size):
+            group = window[start : start + batch_size]
+            yield right_pad([d.ids for d in group], pad_id,
+                            label_starts=[1 if loss_on_prompt else d.prompt_length for d in group])
+
+
+@dataclass
+class TrainingReport:
+    steps: int = 0
+    tokens: int = 0
+    seconds: float = 0.0
+    cpu_seconds: float = 0.0  # process CPU time: wall time on an otherwise idle machine x threads
+    final_loss: float = float("nan")
+    stopped_early: bool = False
+
+
+def train_teacher(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
+                  config: ToyConfig) -> TrainingReport:
+    """Train `model` (on whatever device it is) on `config.train_tokens` tokens of the domain's
+    training stream, with one progress line (loss, throughput, ETA)."""
+    device = next(model.parameters()).device
+    batches = _batches(_training_documents(config, tokenizer), config.batch_size, tokenizer.pad_token_id,
+                       config.loss_on_prompt)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay,
+    )
+    report = TrainingReport()
+    progress = Progress(f"[toy-{config.domain}] training", config.train_tokens / 1e6, unit="M tokens")
+    start, cpu_start = time.monotonic(), time.process_time()
+    smoothed = None
+    model.train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        while report.tokens < config.train_tokens:
+            input_ids, mask, labels = next(batches)
+            # Linear warmup, then cosine decay to a tenth of the peak.
+            multiplier = warmup_cosine(report.tokens / config.train_tokens, config.warmup_fraction, floor=0.1)
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * multiplier
+            loss = model(
+                input_ids=input_ids.to(device), attention_mask=mask.to(device), labels=labels.to(device),
+                use_cache=False,  # no generation here: building a KV cache is wasted work
+            ).loss
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            report.steps += 1
+            report.tokens += int(mask.sum())
+            smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
+            report.seconds = time.monotonic() - start
+            progress.update(min(report.tokens, config.train_tokens) / 1e6, f"step {report.steps} loss {smoothed:.3f}")
+            if config.max_seconds is not None and report.seconds > config.max_seconds:
+                report.stopped_early = True
+                break
+    progress.close()
+    report.cpu_seconds = time.process_time() - cpu_start
+    report.final_loss = float(smoothed) if smoothed is not None else float("nan")
+    model.eval()
+    return report
+
+
+def heldout_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast,
+                 examples: Sequence[ToyPrompt], max_length: int, batch_size: int = 16) -> float:
+    """Mean cross-entropy per answer token (EOS included) of `examples`, prompts given."""
+    encoded = [_encode(tokenizer, example, max_length) for example in examples]
+    prompts = [item.ids[: item.prompt_length] for item in encoded]
+    answers = [item.ids[item.prompt_length :] for item in encoded]
+    return answer_loss(model, prompts, answers, batch_size=batch_size) or 0.0
+
+
+# -- cache and loading -------------------------------------------------------------------------
+
+
+def cache_root() -> Path:
+    """`$CLLM_CACHE`, else `~/.cache/cllm`."""
+    return Path(os.environ.get("CLLM_CACHE") or Path.home() / ".cache" / "cllm")
+
+
+def teacher_dir(domain: str | None = None, cache_dir: str | Path | None = None) -> Path:
+    root = Path(cache_dir) if cache_dir is not None else cache_root()
+    return root / f"toy-{TOY_VERSION}" / resolve_domain(domain)
+
+
+def _read_build_info(directory: Path) -> dict | None:
+    """The build record of a complete teacher in `directory`, or None if there is none."""
+    try:
+        return json.loads((directory / BUILD_INFO_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def build_toy(config: ToyConfig, directory: Path, device: torch.device | str | None = None) -> dict:
+    """Train a teacher for `config` on `device` (default: CUDA when present, else CPU) and save
+    it (model, tokenizer, build record) to `directory`. Everything is written to a temporary
+    sibling first and renamed into place, so a crash never leaves a half-written teacher that a
+    later load would take as complete."""
+    started = time.monotonic()
+    device = torch.device(device) if device is not None else default_device()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config.threads)
+    try:
+        print(f"[toy-{config.domain}] building the toy teacher in {directory} "
+              f"({config.train_tokens / 1e6:.2f}M tokens); this happens once", file=sys.stderr, flush=True)
+        tokenizer = train_tokenizer(config)
+        model = new_teacher(config, tokenizer).to(device)
+        report = train_teacher(model, tokenizer, config)
+        heldout = toy_prompts("heldout", config.domain, limit=config.eval_prompts, seed=config.seed)
+        loss = heldout_loss(model, tokenizer, heldout, config.max_length)
+        model.to("cpu")
+    finally:
+        torch.set_num_threads(threads)
+    info = {
+        "toy_version": TOY_VERSION,
+        "config": asdict(config),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "training": asdict(report),
+        "heldout_answer_loss": loss,
+        "build_seconds": time.monotonic() - started,
+        "device": str(device),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+    }
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}-", dir=directory.parent))
+    staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared directory
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(staging, directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    print(f"[toy-{config.domain}] built in {format_seconds(info['build_seconds'])}: "
+          f"{info['parameters'] / 1e6:.2f}M parameters, held-out answer loss {loss:.3f}",
+          file=sys.stderr, flush=True)
+    return info
+
+
+def ensure_toy(domain: str | None = None, config: ToyConfig | None = None, cache_dir: str | Path | None = None,
+               device: torch.device | str | None = None) -> Path:
+    """The directory of a toy domain's teacher (`DEFAULT_DOMAIN` when None), built first if
+    needed; `device` only says where a missing teacher is trained. Without `config`, any
+    complete cached teacher of the domain is reused, else the default one is built. With
+    `config`, the cached teacher is reused only if it was built from exactly that config."""
+    domain = resolve_domain(config.domain if config is not None and domain is None else domain)
+    if config is not None and config.domain != domain:
+        raise ValueError(f"config is for domain {config.domain!r}, not {domain!r}")
+    directory = teacher_dir(domain, cache_dir)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(directory.parent / f"{domain}.lock")):
+        info = _read_build_info(directory)
+        wanted = config if config is not None else default_config(domain)
+        if info is None or (config is not None and info.get("config") != asdict(wanted)):
+            build_toy(wanted, directory, device)
+    return directory
+
+
+def load_toy(domain: str | None = None, config: ToyConfig | None = None,
+             cache_dir: str | Path | None = None,
+             device: torch.device | str | None = None) -> tuple[LlamaForCausalLM, PreTrainedTokenizerFast]:
+    """(model, tokenizer) of a toy domain's teacher (see `ensure_toy`), in eval mode on CPU."""
+    directory = ensure_toy(domain, config, cache_dir, device)
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(directory)
+    model = LlamaForCausalLM.from_pretrained(directory)
+    return model.eval(), tokenizer
+
+
+def toy_build_info(domain: str | None = None, cache_dir: str | Path | None = None) -> dict | None:
+    """The build record (config, size, time, held-out loss) of the cached teacher, if built."""
+    return _read_build_info(teacher_dir(domain, cache_dir))

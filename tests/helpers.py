@@ -1,0 +1,68 @@
+"""Helpers shared by several test modules: small tokenizers, free ports, trajectory rows."""
+
+from __future__ import annotations
+
+import socket
+
+from tokenizers import Tokenizer, models, processors
+from transformers import PreTrainedTokenizerFast
+
+from cllm.data import TrajectoryRow
+from cllm.trajectory import CollectConfig
+from cllm.trajectory import trajectory_rows as collect_rows
+
+PAD = 0
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<unk>"]
+CHARACTERS = [chr(code) for code in range(32, 127)] + ["\n"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def char_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:
+    """A character-level tokenizer (100 ids, fits a 128-token tiny model) that prepends <bos>."""
+    vocab = {token: index for index, token in enumerate(SPECIALS + CHARACTERS)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    core.post_processor = processors.TemplateProcessing(single="<bos> $A", special_tokens=[("<bos>", 1)])
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<bos>", eos_token="<eos>", unk_token="<unk>"
+    )
+    if chat_template:
+        tokenizer.chat_template = chat_template
+    return tokenizer
+
+
+def row(prompt_id: str, block_index: int, prompt_length: int, prefix_ids: list[int], states: list[list[int]],
+        fixed_length: int | None = None, label_ids: list[int] | None = None) -> TrajectoryRow:
+    """A trajectory row with defaults for the fields tests rarely care about."""
+    n_token = len(states[0])
+    return TrajectoryRow(
+        prompt_id=prompt_id, block_index=block_index, prompt_length=prompt_length, prefix_ids=prefix_ids,
+        states=states, eos=False, label_ids=label_ids, model="tiny", n_token=n_token,
+        fixed_length=n_token if fixed_length is None else fixed_length,
+    )
+
+
+def trajectory_rows(model, prompts: list[list[int]], n_token: int, max_new_tokens: int,
+                    eos_token_id: int | None = None) -> list[TrajectoryRow]:
+    """Rows of the trajectory schema from the project's collector, one per (prompt, block), with
+    the reversed prompt as a made-up label."""
+    batch = [{"prompt_id": f"p{index}", "prompt_ids": prompt, "label_ids": list(reversed(prompt))}
+             for index, prompt in enumerate(prompts)]
+    config = CollectConfig(n_token=n_token, max_new_tokens=max_new_tokens, min_loop_tokens=0)
+    stop_ids = frozenset() if eos_token_id is None else frozenset([eos_token_id])
+    result = collect_rows(model, batch, "tiny", config, stop_ids, PAD)
+    assert not result.rejected, result.rejected
+    return result.rows
+
+
+def hand_rows() -> list[TrajectoryRow]:
+    """Two blocks of n=3 with different prefix lengths and numbers of states; the second is a
+    last block padded after its first 2 positions."""
+    return [
+        row("a", 0, 4, [5, 6, 7, 8], [[9, 1, 2], [9, 4, 2], [9, 4, 3]], label_ids=[11, 12]),
+        row("b", 1, 3, [20, 21, 22, 23, 24, 25], [[30, 1, 1], [30, 31, PAD]], fixed_length=2, label_ids=[13]),
+    ]
