@@ -12,6 +12,9 @@ the installed package whichever name the application was built under.
 # No `from __future__ import annotations` here: Serve reads the builder's parameter annotation
 # at run time to turn `key=value` arguments into `BuilderArgs`.
 
+import logging
+import os
+
 import ray
 import torch
 from pydantic import BaseModel, Field
@@ -60,10 +63,24 @@ class BuilderArgs(BaseModel):
     )
 
 
+def check_capacity(request: Request, wait_s: float) -> None:
+    """`require_resources` against the cluster this process is connected to or, since `serve run`
+    builds the application before it connects, the one RAY_ADDRESS names (a short connection of
+    its own). Without either, `serve run` starts a local Ray sized to the machine: nothing to check."""
+    wait_option = "wait_for_resources_s=SECONDS"
+    if ray.is_initialized():
+        require_resources(request, wait_s, wait_option)
+    elif os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], logging_level=logging.WARNING)
+        try:
+            require_resources(request, wait_s, wait_option)
+        finally:
+            ray.shutdown()
+
+
 def build_app(args: BuilderArgs) -> serve.Application:
-    """The application for `args`. When Ray is already up (as under `serve run`), first check that
-    the cluster can hold `min_replicas` decoders: an impossible request fails here, at once,
-    instead of leaving replicas pending forever."""
+    """The application for `args`, after checking that the cluster can hold `min_replicas`
+    decoders: an impossible request fails here, at once, instead of leaving replicas pending."""
     decoder_settings = DecoderSettings(
         model=args.model,
         mode=args.mode,
@@ -74,9 +91,9 @@ def build_app(args: BuilderArgs) -> serve.Application:
         batch_wait_ms=args.batch_wait_ms,
     )
     num_gpus = args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available())
-    if ray.is_initialized() and args.min_replicas > 0:
-        request = Request("min_replicas", args.min_replicas, cpus=args.num_cpus, gpus=num_gpus)
-        require_resources(request, args.wait_for_resources_s, wait_option="wait_for_resources_s=SECONDS")
+    if args.min_replicas > 0:
+        check_capacity(Request("min_replicas", args.min_replicas, cpus=args.num_cpus, gpus=num_gpus),
+                       args.wait_for_resources_s)
     decoder = Decoder.options(
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": num_gpus},
         autoscaling_config={

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import free_port
+from helpers import free_port, stop_ray_processes
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -77,10 +78,8 @@ def ray_cluster(s3_server):
     with the job server for `ray job submit`, and a second node, each with 2 logical CPUs and a
     small object store, all on loopback. Its processes inherit the S3 credentials of `s3_server`.
 
-    `ray stop` ends every Ray process on the machine, so a file lock makes concurrent test
-    sessions on one machine take turns with the cluster."""
-    from filelock import FileLock
-
+    The nodes keep their files in a directory of their own, and the teardown kills only the
+    processes of this cluster (`ray stop` would end every Ray process on the machine)."""
     # Ray turns on token auth once ~/.ray/auth_token exists (any local ray.init writes it), and a
     # second `ray start --address` does not pick the token up; drivers and jobs inherit this too.
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -91,22 +90,23 @@ def ray_cluster(s3_server):
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     port, dashboard_port = free_port(), free_port()
-    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2",
+    temp_dir = tempfile.mkdtemp(prefix="cllm-ray-", dir="/tmp")  # short: Ray's socket paths live here
+    node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--temp-dir", temp_dir,
             "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
-    with FileLock(os.path.join(tempfile.gettempdir(), "cllm-test-ray-cluster.lock")):
-        try:
-            subprocess.run(
-                [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "true",
-                 "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), *node],
-                check=True, capture_output=True, env=env,
-            )
-            address = f"127.0.0.1:{port}"
-            subprocess.run([RAY, "start", "--address", address, *node], check=True, capture_output=True, env=env)
-            dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-            _wait_for_job_server(dashboard_url)
-            yield RayCluster(address=address, dashboard_url=dashboard_url)
-        finally:
-            subprocess.run([RAY, "stop", "--force"], capture_output=True, env=env)
+    try:
+        subprocess.run(
+            [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "true",
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), *node],
+            check=True, capture_output=True, env=env,
+        )
+        address = f"127.0.0.1:{port}"
+        subprocess.run([RAY, "start", "--address", address, *node], check=True, capture_output=True, env=env)
+        dashboard_url = f"http://127.0.0.1:{dashboard_port}"
+        _wait_for_job_server(dashboard_url)
+        yield RayCluster(address=address, dashboard_url=dashboard_url)
+    finally:
+        stop_ray_processes(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _wait_for_job_server(url: str, timeout: float = 60) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+from pathlib import Path
 
 from tokenizers import Tokenizer, models, processors
 from transformers import PreTrainedTokenizerFast
@@ -20,6 +23,38 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def stop_ray_processes(temp_dir: str) -> int:
+    """Kill the Ray cluster whose nodes were started with `--temp-dir temp_dir`: every process
+    whose command line names that directory, and their descendants (workers rename themselves
+    `ray::...`). Unlike `ray stop`, which kills every Ray process on the machine, this leaves other
+    Ray instances alone. Returns how many processes were killed."""
+    parents: dict[int, int] = {}
+    marked: set[int] = set()
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            stat = (entry / "stat").read_text()
+        except OSError:  # the process ended meanwhile
+            continue
+        pid = int(entry.name)
+        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
+        if temp_dir in command and pid != os.getpid():
+            marked.add(pid)
+    grew = True
+    while grew:
+        descendants = {pid for pid, parent in parents.items() if parent in marked} - marked
+        marked |= descendants
+        grew = bool(descendants)
+    for pid in marked:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(marked)
 
 
 def char_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:

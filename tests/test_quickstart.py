@@ -7,13 +7,15 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, trajectory_rows
+from helpers import free_port, stop_ray_processes, trajectory_rows
 
 from cllm_pipelines import common
 from cllm_pipelines.common import Request, ResourceError, require_resources
@@ -87,18 +89,20 @@ def test_the_readme_quick_start_runs_as_written(toy_cache, tmp_path):
 
 @pytest.fixture
 def two_cpu_cluster(tmp_path):
-    """A `ray start --head --num-cpus 2` cluster, as the quick start makes, and its job server."""
+    """A `ray start --head --num-cpus 2` cluster, as the quick start makes; RAY_ADDRESS names it."""
     port, dashboard_port = free_port(), free_port()
+    temp_dir = tempfile.mkdtemp(prefix="cllm-ray-", dir="/tmp")
     venv_path = f"{Path(sys.executable).parent}:{os.environ['PATH']}"  # as an activated venv
     environment = clean_environment(RAY_AUTH_MODE="disabled", PATH=venv_path)
     subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-                    "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"],
+                    "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats", "--temp-dir", temp_dir],
                    check=True, capture_output=True, env=environment)
     try:
-        yield {**environment, "RAY_ADDRESS": f"http://127.0.0.1:{dashboard_port}"}
+        yield {**environment, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
-        subprocess.run([RAY, "stop", "--force"], capture_output=True, env=environment)
+        stop_ray_processes(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def submit(environment: dict, *args: str) -> tuple[subprocess.CompletedProcess, float]:
