@@ -14,6 +14,7 @@ One process keeps the timing fair, so there is no Ray here.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -30,6 +31,7 @@ from cllm.evaluation import (
 )
 from cllm.hf import eos_ids, load_model, pad_id
 from cllm.metrics import answer_loss
+from cllm.progress import Progress
 from cllm.prompts import PromptRecord, load_prompts
 from cllm.report import REPORT_MD, markdown_table, visible_token, write_report
 
@@ -130,11 +132,6 @@ def measure_quality(loaded: LoadedModel, runs: list[RunResult], config: Evaluate
     return evaluation
 
 
-def print_progress(done: int, total: int) -> None:
-    if done == total or done % max(1, total // 10) == 0:
-        print(f"decoded {done}/{total} batches with every model and method", file=sys.stderr, flush=True)
-
-
 def main(argv: list[str] | None = None) -> list[ReportRow]:
     config = parse_args(argv)
     loaded = [load(name, path, config) for name, path in config.models.items()]
@@ -143,7 +140,10 @@ def main(argv: list[str] | None = None) -> list[ReportRow]:
         repeats=config.repeats,
     )
     print(f"timing AR vs Jacobi n={config.n_tokens}, models interleaved batch by batch", file=sys.stderr, flush=True)
-    runs = compare_decoding([model.contender for model in loaded], settings, on_batch=print_progress)
+    progress = Progress("evaluate", math.ceil(len(loaded[0].records) / config.batch_size), unit="batches")
+    runs = compare_decoding([model.contender for model in loaded], settings,
+                            on_batch=lambda done, total: progress.update(done))
+    progress.close()
     evaluations = [measure_quality(model, runs[model.contender.name], config) for model in loaded]
     rows = write_report(evaluations, config.baseline, config.output, settings=asdict(config))
     print(markdown_table(rows))

@@ -9,12 +9,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from helpers import free_port, stop_ray_processes
+from helpers import free_port, stop_ray_processes, wait_for_job_agent
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -93,31 +92,21 @@ def ray_cluster(s3_server):
     temp_dir = tempfile.mkdtemp(prefix="cllm-ray-", dir="/tmp")  # short: Ray's socket paths live here
     node = ["--node-ip-address", "127.0.0.1", "--num-cpus", "2", "--temp-dir", temp_dir,
             "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats"]
+    # Each node's agent listens on a port of its own: the default (52365) is fixed, and a node that
+    # finds it taken (by any other Ray on the machine) runs without a job agent.
     try:
         subprocess.run(
             [RAY, "start", "--head", "--port", str(port), "--include-dashboard", "true",
-             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port), *node],
+             "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+             "--dashboard-agent-listen-port", str(free_port()), *node],
             check=True, capture_output=True, env=env,
         )
         address = f"127.0.0.1:{port}"
-        subprocess.run([RAY, "start", "--address", address, *node], check=True, capture_output=True, env=env)
+        subprocess.run([RAY, "start", "--address", address, "--dashboard-agent-listen-port", str(free_port()), *node],
+                       check=True, capture_output=True, env=env)
         dashboard_url = f"http://127.0.0.1:{dashboard_port}"
-        _wait_for_job_server(dashboard_url)
+        wait_for_job_agent(dashboard_url, env)
         yield RayCluster(address=address, dashboard_url=dashboard_url)
     finally:
         stop_ray_processes(temp_dir)
         shutil.rmtree(temp_dir, ignore_errors=True)
-
-
-def _wait_for_job_server(url: str, timeout: float = 60) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/api/version", timeout=5):
-                return
-        except OSError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)

@@ -30,6 +30,16 @@ def stop_ray_processes(temp_dir: str) -> int:
     whose command line names that directory, and their descendants (workers rename themselves
     `ray::...`). Unlike `ray stop`, which kills every Ray process on the machine, this leaves other
     Ray instances alone. Returns how many processes were killed."""
+    killed = 0
+    for _ in range(5):  # processes starting while we kill: look again until nothing is left
+        found = _kill_marked(temp_dir)
+        if not found:
+            return killed
+        killed += found
+    return killed
+
+
+def _kill_marked(temp_dir: str) -> int:
     parents: dict[int, int] = {}
     marked: set[int] = set()
     for entry in Path("/proc").iterdir():
@@ -54,7 +64,46 @@ def stop_ray_processes(temp_dir: str) -> int:
             os.kill(pid, signal.SIGKILL)
         except ProcessLookupError:
             pass
+    if marked:
+        import time
+
+        time.sleep(0.5)
     return len(marked)
+
+
+def wait_for_job_agent(address: str, environment: dict[str, str], timeout: float = 180) -> None:
+    """Return once the cluster at `address` accepts a job: its job agent starts some seconds after
+    `ray start` returns (longer on a loaded machine), and a submission before that fails."""
+    import subprocess
+    import sys
+    import time
+
+    ray = str(Path(sys.executable).with_name("ray"))
+    deadline = time.monotonic() + timeout
+    while True:
+        probe = subprocess.run([ray, "job", "submit", "--address", address, "--no-wait", "--", "true"],
+                               capture_output=True, text=True, env=environment)
+        if probe.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the job agent at {address} did not come up:\n{probe.stderr[-2000:]}")
+        time.sleep(2)
+
+
+def save_word_model(directory: Path, vocab_size: int = 64) -> Path:
+    """A tiny Llama with a word-level tokenizer over its ids (`w1` ... `w63`, `<pad>` = 0 also
+    ending a text), saved as a local Hugging Face model directory."""
+    from tokenizers import pre_tokenizers
+
+    from cllm import tiny_model
+
+    vocabulary = {"<pad>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<pad>")
+    tiny_model("llama", vocab_size=vocab_size, seed=0).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
 
 
 def char_tokenizer(chat_template: str | None = None) -> PreTrainedTokenizerFast:

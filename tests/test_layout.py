@@ -88,3 +88,16 @@ def test_importing_the_decoder_loads_no_teacher_builder_plotting_or_ray():
 def test_no_module_in_cllm_is_too_long():
     lengths = {module_name(path): len(path.read_text().splitlines()) for path in CLLM.rglob("*.py")}
     assert max(lengths.values()) <= MAX_MODULE_LINES, sorted(lengths.items(), key=lambda item: -item[1])[:3]
+
+
+def test_the_console_scripts_are_the_pipelines():
+    from importlib.metadata import entry_points
+
+    scripts = {entry.name: entry for entry in entry_points(group="console_scripts") if entry.name.startswith("cllm-")}
+    assert sorted(scripts) == ["cllm-collect", "cllm-demo", "cllm-evaluate", "cllm-train"]
+    for name, entry in scripts.items():
+        module = entry.load().__module__
+        assert module == f"cllm_pipelines.{name.removeprefix('cllm-')}" and entry.value.endswith(":main")
+    executable = Path(sys.executable).with_name("cllm-train")
+    result = subprocess.run([str(executable), "--help"], capture_output=True, text=True, check=True)
+    assert "--gradient-checkpointing" in result.stdout and "--wait-for-resources" in result.stdout

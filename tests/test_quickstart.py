@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import free_port, stop_ray_processes, trajectory_rows
+from helpers import free_port, save_word_model, stop_ray_processes, trajectory_rows, wait_for_job_agent
 
 from cllm_pipelines import common
 from cllm_pipelines.common import Request, ResourceError, require_resources
@@ -96,9 +96,11 @@ def two_cpu_cluster(tmp_path):
     environment = clean_environment(RAY_AUTH_MODE="disabled", PATH=venv_path)
     subprocess.run([RAY, "start", "--head", "--num-cpus", "2", "--port", str(port), "--node-ip-address", "127.0.0.1",
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
+                    "--dashboard-agent-listen-port", str(free_port()),
                     "--object-store-memory", str(100 * 1024 * 1024), "--disable-usage-stats", "--temp-dir", temp_dir],
                    check=True, capture_output=True, env=environment)
     try:
+        wait_for_job_agent(f"http://127.0.0.1:{dashboard_port}", environment)
         yield {**environment, "RAY_ADDRESS": f"127.0.0.1:{port}"}
     finally:
         stop_ray_processes(temp_dir)
@@ -107,12 +109,8 @@ def two_cpu_cluster(tmp_path):
 
 def submit(environment: dict, *args: str) -> tuple[subprocess.CompletedProcess, float]:
     started = time.monotonic()
-    for _ in range(6):  # a fresh head may not have its job agent up yet
-        result = subprocess.run([RAY, "job", "submit", "--working-dir", ".", "--", *args], cwd=REPO,
-                                env=environment, capture_output=True, text=True, timeout=600)
-        if "No available agent to submit job" not in result.stdout + result.stderr:
-            break
-        time.sleep(5)
+    result = subprocess.run([RAY, "job", "submit", "--working-dir", ".", "--", *args], cwd=REPO,
+                            env=environment, capture_output=True, text=True, timeout=600)
     return result, time.monotonic() - started
 
 
@@ -146,20 +144,6 @@ def test_requests_the_cluster_cannot_hold_fail_at_once(two_cpu_cluster, tmp_path
                            capture_output=True, text=True, timeout=300)
     assert serve.returncode != 0 and time.monotonic() - started < 120
     assert "min_replicas 3 needs 3 CPUs; the cluster has 2" in serve.stdout + serve.stderr
-
-
-def save_word_model(directory: Path, vocab_size: int = 64) -> None:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    from cllm import tiny_model
-
-    vocabulary = {"<pad>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<pad>")
-    tiny_model("llama", vocab_size=vocab_size, seed=0).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
 
 
 # -- the resource check itself (no cluster) ----------------------------------------------------------

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from helpers import PAD, trajectory_rows
+from helpers import PAD, save_word_model, trajectory_rows
 
 from cllm import jacobi_generate, tiny_model
 from cllm.collate import collate_packed
@@ -30,20 +30,6 @@ N_TOKEN = 4
 PROMPTS = [[3, 17, 22, 9, 41], [5, 5, 30, 12], [60, 2, 14, 33, 7, 8], [11, 48, 25], [40, 41, 42, 43, 44, 45, 46]]
 
 
-def save_tiny_model(directory: Path, vocab_size: int = VOCAB) -> Path:
-    """A tiny Llama with a word-level tokenizer over its ids, as a local HF model directory."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocabulary = {"<pad>": 0, **{f"w{i}": i for i in range(1, vocab_size)}}
-    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<pad>")
-    tiny_model("llama", vocab_size=vocab_size, seed=0).save_pretrained(directory)
-    tokenizer.save_pretrained(directory)
-    return directory
-
-
 def trajectory_table(model_directory: Path) -> pa.Table:
     from transformers import AutoModelForCausalLM
 
@@ -56,7 +42,7 @@ def tiny_run_inputs(tmp_path_factory):
     """(model directory, shard directory): the tiny model and its own trajectories, repeated so
     that 2 workers get several batches, in 2 shards."""
     root = tmp_path_factory.mktemp("train-inputs")
-    model_directory = save_tiny_model(root / "model")
+    model_directory = save_word_model(root / "model")
     table = trajectory_table(model_directory)
     shards = root / "trajectories"
     for index in range(2):
@@ -89,7 +75,7 @@ def test_input_checks_stop_before_any_worker(tiny_run_inputs, tmp_path, capsys):
     message = run_checks(capsys, *base, "--trajectories", str(broken))
     assert "part-0.parquet" in message and "states" in message
 
-    small_model = save_tiny_model(tmp_path / "small-model", vocab_size=32)
+    small_model = save_word_model(tmp_path / "small-model", vocab_size=32)
     message = run_checks(capsys, "--model", str(small_model), "--output", str(tmp_path / "o"),
                          "--trajectories", str(shards))
     assert "vocabulary has 32 ids" in message
@@ -111,7 +97,7 @@ def test_a_model_at_an_s3_uri_passes_the_input_checks(tiny_run_inputs, s3_server
     monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_server.endpoint_url)
     filesystem = s3_server.filesystem()
     filesystem.put(str(model).rstrip("/") + "/", f"{s3_server.bucket}/models/tiny", recursive=True)
-    small = save_tiny_model(tmp_path / "small", vocab_size=32)
+    small = save_word_model(tmp_path / "small", vocab_size=32)
     filesystem.put(str(small).rstrip("/") + "/", f"{s3_server.bucket}/models/small", recursive=True)
     message = run_checks(capsys, "--model", s3_server.uri("models/small"), "--trajectories", str(shards),
                          "--output", str(tmp_path / "o"))
