@@ -26,6 +26,7 @@ class Progress:
         self.interval = tty_interval_s if self.tty else log_interval_s
         self.started = time.monotonic()
         self.last_shown = -float("inf")
+        self.shown_done: float | None = None
         self.done = 0.0
         self.detail = ""
 
@@ -47,8 +48,9 @@ class Progress:
             self._show(self.line())
 
     def close(self, summary: str = "") -> None:
-        """The final state and a summary line."""
-        self._show(self.line())
+        """The final state (unless just shown) and a summary line."""
+        if self.tty or self.shown_done != self.done:
+            self._show(self.line())
         if self.tty:
             self.stream.write("\n")
         if summary:
@@ -56,6 +58,7 @@ class Progress:
         self.stream.flush()
 
     def _show(self, text: str) -> None:
+        self.shown_done = self.done
         if self.tty:
             self.stream.write("\r\033[K" + text)
         else:

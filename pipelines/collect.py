@@ -137,15 +137,14 @@ def collect(todo: list[PromptRecord], args: argparse.Namespace, config: CollectC
     import ray
 
     items = [{"prompt_id": r.prompt_id, "prompt_ids": r.prompt_ids, "label_ids": r.label_ids} for r in todo]
-    summaries = ray.data.from_items(
-        items, override_num_blocks=min(math.ceil(len(items) / args.batch_size), 1000)
-    ).map_batches(
+    batches = math.ceil(len(items) / args.batch_size)
+    summaries = ray.data.from_items(items, override_num_blocks=min(batches, 1000)).map_batches(
         TrajectoryCollector,
         fn_constructor_kwargs={"model_name": args.model, "config": config, "staging": staging, "options": options,
                                "fault_marker": fault_marker()},
         batch_size=args.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=args.workers),
+        compute=ray.data.ActorPoolStrategy(size=min(args.workers, batches)),  # no idle actors
         num_cpus=1,
         num_gpus=gpus,
         # Exactly-once output relies on Ray Data's defaults for actor pools: a dead actor is

@@ -16,25 +16,36 @@ FAULT_MARKER_ENV = "CLLM_TEST_FAULT_MARKER"
 PENDING_REPORT_INTERVAL_S = 30.0
 
 
+def quiet_libraries() -> None:
+    """Keep the libraries' own chatter out of a stage's output, which has one progress line of
+    its own: no per-file progress bars from transformers, no per-operator bars from Ray Data. The
+    environment variables reach the processes a local Ray starts."""
+    import transformers
+
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
+    transformers.utils.logging.disable_progress_bar()
+    logging.getLogger("ray.data").setLevel(logging.WARNING)  # configured already if ray.data was imported
+
+
 def init_ray(min_logical_cpus: int) -> None:
     """Join the cluster that RAY_ADDRESS names (as under `ray job submit`); otherwise start a
     local Ray with at least `min_logical_cpus` logical CPUs. On a 2-core machine the stage's own
     actors or training workers would otherwise hold every CPU and starve Ray Data's tasks.
-    Ray's own INFO chatter and Ray Data's per-operator bars stay out of the output: each stage
-    prints one progress line of its own."""
+    Ray's INFO logs (in this process and in every worker) stay out of the output."""
     import ray.data
 
-    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")  # also for processes Ray starts
+    quiet_libraries()
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():  # a caller (demo, benchmark, test) started Ray already
         return
-    quiet = {"logging_level": logging.WARNING, "configure_logging": True}
+    quiet = {"logging_config": ray.LoggingConfig(log_level="WARNING"), "log_to_driver": True}
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(**quiet)
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_logical_cpus), include_dashboard=False,
-                 **quiet)
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_logical_cpus), **quiet)
 
 
 @dataclass(frozen=True)

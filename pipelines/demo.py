@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cllm.hf import load_model
+from cllm_pipelines.common import quiet_libraries
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -227,6 +228,7 @@ def print_summary(config: DemoConfig, times: dict[str, tuple[float, bool]]) -> N
 
 def main(argv: list[str] | None = None) -> None:
     config = parse_args(argv)
+    quiet_libraries()
     if config.fresh and config.output.exists():
         shutil.rmtree(config.output)
     config.output.mkdir(parents=True, exist_ok=True)

@@ -34,6 +34,7 @@ from cllm.metrics import answer_loss
 from cllm.progress import Progress
 from cllm.prompts import PromptRecord, load_prompts
 from cllm.report import REPORT_MD, markdown_table, visible_token, write_report
+from cllm_pipelines.common import quiet_libraries
 
 
 @dataclass
@@ -134,6 +135,7 @@ def measure_quality(loaded: LoadedModel, runs: list[RunResult], config: Evaluate
 
 def main(argv: list[str] | None = None) -> list[ReportRow]:
     config = parse_args(argv)
+    quiet_libraries()
     loaded = [load(name, path, config) for name, path in config.models.items()]
     settings = DecodeSettings(
         n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,

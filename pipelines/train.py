@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import random
 import sys
@@ -228,6 +229,9 @@ def train_loop(config: dict[str, Any]) -> None:
     import deepspeed  # on the workers only
 
     settings: TrainSettings = config["settings"]
+    # Ray Train logs every report at INFO through a logger its level setting does not reach: keep
+    # this worker's log at WARNING, so the progress line is the output.
+    logging.getLogger().setLevel(logging.WARNING)
     context = ray.train.get_context()
     rank, world_size = context.get_world_rank(), context.get_world_size()
     device = ray.train.torch.get_device()
@@ -471,6 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=args.max_failures),
+            logging_config=ray.LoggingConfig(log_level="WARNING"),  # no line per report
         ),
         datasets={"train": dataset},
     )
