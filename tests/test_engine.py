@@ -8,7 +8,7 @@ import pytest
 import torch
 from helpers import hf_greedy
 
-from cllm import Engine, RequestParams, tiny_model
+from cllm import Engine, RequestParams, SamplingParams, jacobi_generate, pad_prompts, tiny_model
 from cllm.cache import SlotCache
 
 VOCAB = 128
@@ -184,3 +184,25 @@ def test_sliding_window_is_applied_by_the_mask():
     finished = run_all(engine)
     for request_id, prompt in zip(ids, prompts):
         assert finished[request_id].tokens == reference(model, prompt, 20)
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+@pytest.mark.parametrize("n_token", [1, 5])
+def test_logprobs_equal_teacher_forced_logprobs(model, temperature, n_token):
+    """A verified token's logits come from its true prefix, so its log-probability (and the top
+    alternatives) equal those of one plain forward over prompt + output."""
+    prompts = [prompt_of(length, seed) for seed, length in enumerate((9, 4, 13))]
+    output = jacobi_generate(
+        model, *pad_prompts(prompts, 0), n_token=n_token, max_new_tokens=17, logprobs=3,
+        sampling=SamplingParams(temperature=temperature, seed=0),
+    )
+    for prompt, tokens, logprobs in zip(prompts, output.new_tokens, output.logprobs):
+        assert [entry.token for entry in logprobs] == tokens
+        with torch.inference_mode():
+            logits = model(input_ids=torch.tensor([prompt + tokens])).logits[0]
+        forced = logits.log_softmax(-1)[len(prompt) - 1 : -1]
+        expected = forced.gather(-1, torch.tensor(tokens)[:, None]).squeeze(-1)
+        assert torch.allclose(torch.tensor([entry.logprob for entry in logprobs]), expected, atol=1e-4)
+        top_values, top_ids = forced.topk(3, dim=-1)
+        assert [[token for token, _ in entry.top] for entry in logprobs] == top_ids.tolist()
+        assert torch.allclose(torch.tensor([[v for _, v in entry.top] for entry in logprobs]), top_values, atol=1e-4)
