@@ -82,6 +82,7 @@ class Engine:
         self.cache = SlotCache(model, max_slots=max_rows)
         self.vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
         self._logits_to_keep = takes_logits_to_keep(model)
+        self._dtype = getattr(model, "dtype", torch.float32)  # of the attention mask (eager attention)
         self._seeds = random.Random(seed) if seed is not None else random.SystemRandom()
         self._waiting: deque[Row] = deque()
         self._running: list[Row] = []  # running[i].slot == i
@@ -223,7 +224,7 @@ class Engine:
         width = max(len(feed) for feed in feeds)
         input_ids = torch.tensor([feed + [self.pad] * (width - len(feed)) for feed in feeds], device=device)
         mask, positions = self.cache.prepare(
-            rows[0].slot, [row.length for row in rows], width, device, getattr(self.model, "dtype", torch.float32)
+            rows[0].slot, [row.length for row in rows], width, device, self._dtype
         )
         kwargs = cache_kwargs(self.model, self.cache)
         if keep is not None and self._logits_to_keep:

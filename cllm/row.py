@@ -170,7 +170,7 @@ class Row:
         n = self.n_token
         if self.params.init == "repeat" or n == 1:
             return [first_token] * n
-        return [first_token] + [self.prompt[self.guesses.randrange(len(self.prompt))] for _ in range(n - 1)]
+        return [first_token] + self.guesses.choices(self.prompt, k=n - 1)
 
     def _stop(self, tokens: list[int]) -> tuple[int, FinishReason] | None:
         """How many of the verified `tokens` end the row, and why (EOS or the budget), if any."""
