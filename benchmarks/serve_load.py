@@ -7,12 +7,15 @@ Two kinds of load, each streamed (TTFT is the first text chunk):
 - open loop, `--arrival-rate R`: requests arrive as a Poisson process of R per second.
 `--max-tokens-range 16 256` gives each request its own max_tokens (the same ones for every
 deployment). By default it starts a local Ray + Serve and measures, one after the other on the
-same requests, continuous vs dynamic batching and Jacobi vs AR decoding, for every `--model`:
+same requests, continuous vs dynamic batching and Jacobi vs AR decoding, for every `--model`; the
+deployments run side by side and take turns in `--rounds` rounds, so that a shared machine's slow
+spells hit them alike:
 
     python benchmarks/serve_load.py                                        # tiny random model
     python benchmarks/serve_load.py --model teacher=toy --model cllm=runs/demo/cllm/hf \\
         --concurrency 1 8 --arrival-rate 4 --max-tokens-range 16 256 --requests 64
     python benchmarks/serve_load.py --url http://127.0.0.1:8000 --api-key $CLLM_API_KEY  # a running server
+    python benchmarks/serve_load.py --in-process ...   # the decoder class itself: no Ray, no HTTP
 
 Prompts are the toy domain's held-out prompts for toy models, else random token ids, unless
 --prompts-file gives one prompt per line. The tiny random model has no EOS, so every request
@@ -113,37 +116,53 @@ def percentile_ms(values: list[float], q: float) -> float:
     return 1000 * ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def send(client: openai.AsyncOpenAI, model: str, request: LoadRequest, temperature: float,
+async def send(client, model: str, request: LoadRequest, temperature: float,
                n_token: int | None, result: LoadResult, index: int) -> None:
-    """One streamed request; records its TTFT, latency, text and usage into `result`."""
+    """One streamed request, over HTTP (`client` is an `openai.AsyncOpenAI`) or to a `Decoder`
+    object in this process; records its TTFT, latency, text and usage into `result`."""
     started = time.perf_counter()
+    text, first, tokens, forwards = "", None, 0, 0
     try:
-        stream = await client.completions.create(
-            model=model, prompt=request.prompt, max_tokens=request.max_tokens, temperature=temperature,
-            seed=request.seed, stream=True, stream_options={"include_usage": True},
-            extra_body={"n_token": n_token} if n_token else None,
-        )
-        text, first, usage = "", None, None
-        async for chunk in stream:
-            if chunk.choices and chunk.choices[0].text:
-                first = first if first is not None else time.perf_counter() - started
-                text += chunk.choices[0].text
-            if chunk.usage is not None:
-                usage = chunk.usage
-    except openai.APIError:
+        if isinstance(client, openai.AsyncOpenAI):
+            stream = await client.completions.create(
+                model=model, prompt=request.prompt, max_tokens=request.max_tokens, temperature=temperature,
+                seed=request.seed, stream=True, stream_options={"include_usage": True},
+                extra_body={"n_token": n_token} if n_token else None,
+            )
+            async for chunk in stream:
+                if chunk.choices and chunk.choices[0].text:
+                    first = first if first is not None else time.perf_counter() - started
+                    text += chunk.choices[0].text
+                if chunk.usage is not None:
+                    tokens, forwards = chunk.usage.completion_tokens, getattr(chunk.usage, "forwards", 0) or 0
+        else:
+            from cllm_serve.batching import Failed, Finished, Rejected, TextDelta
+            from cllm_serve.decoder import DecodeRequest
+
+            decode = DecodeRequest(prompt=request.prompt, max_tokens=request.max_tokens, n_token=n_token,
+                                   temperature=temperature, seed=request.seed)
+            async for event in client.generate(decode):
+                if isinstance(event, TextDelta) and event.text:
+                    first = first if first is not None else time.perf_counter() - started
+                    text += event.text
+                elif isinstance(event, Finished):
+                    tokens, forwards = event.completion_tokens, event.forwards
+                elif isinstance(event, (Rejected, Failed)):
+                    raise RuntimeError(event.message)
+    except (openai.APIError, RuntimeError):
         result.errors += 1
         return
     result.latencies_s.append(time.perf_counter() - started)
     result.ttft_s.append(first if first is not None else result.latencies_s[-1])
     result.texts[index] = text
-    if usage is not None:
-        result.completion_tokens += usage.completion_tokens
-        result.forwards += getattr(usage, "forwards", 0) or 0
+    result.completion_tokens += tokens
+    result.forwards += forwards
 
 
 async def closed_loop(client, model, requests, concurrency, temperature, n_token, result) -> None:
-    """`concurrency` clients, each sending its next request when its last one is done."""
-    queue = list(enumerate(requests))
+    """`concurrency` clients, each sending its next request when its last one is done; `requests`
+    holds (index, request) pairs."""
+    queue = list(requests)
 
     async def client_loop() -> None:
         while queue:
@@ -154,7 +173,8 @@ async def closed_loop(client, model, requests, concurrency, temperature, n_token
 
 
 async def open_loop(client, model, requests, rate, temperature, n_token, result, seed) -> None:
-    """Requests arrive as a Poisson process of `rate` per second, whatever is still running."""
+    """(index, request) pairs arrive as a Poisson process of `rate` per second, whatever is still
+    running."""
     rng = random.Random(seed)
     arrivals, at = [], 0.0
     for _ in requests:
@@ -166,45 +186,58 @@ async def open_loop(client, model, requests, rate, temperature, n_token, result,
         await asyncio.sleep(max(0.0, started + arrival - time.perf_counter()))
         await send(client, model, request, temperature, n_token, result, index)
 
-    await asyncio.gather(*(arrive(i, request, arrival) for i, (request, arrival) in
-                           enumerate(zip(requests, arrivals))))
+    await asyncio.gather(*(arrive(i, request, arrival) for (i, request), arrival in zip(requests, arrivals)))
 
 
-def measure(url: str, api_key: str, model_name: str, label: str, args, requests,
-            shown_as: str | None = None) -> list[LoadResult]:
-    """Every load of `args` on the server at `url`, after one warm-up request."""
+def measure(targets: list[tuple[str, str]], api_key: str, model_name: str, shown_as: str, args,
+            requests: list[LoadRequest]) -> list[LoadResult]:
+    """Every load of `args` on every (label, base URL) target. The requests are split into
+    `args.rounds` rounds, and the targets take turns round by round, so that a shared machine's
+    slow spells hit them alike."""
+    rounds = [list(range(len(requests)))[start::args.rounds] for start in range(args.rounds)]
+
     async def all_loads() -> list[LoadResult]:
-        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=900) as client:
+        clients = {label: openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0, timeout=900)
+                   if isinstance(base, str) else base for label, base in targets}
+        for client in clients.values():  # one request each first, so warm-up is not in the figures
             await send(client, model_name, requests[0], args.temperature, args.n_token,
                        LoadResult(model_name, "warm-up", "", 1), 0)
-            loads = [("C", c) for c in args.concurrency] + [("R", r) for r in args.arrival_rate]
-            results = []
-            for kind, value in loads:
-                name = f"C={value}" if kind == "C" else f"R={value:g}/s"
-                result = LoadResult(shown_as or model_name, label, name, len(requests))
-                started = time.perf_counter()
-                if kind == "C":
-                    await closed_loop(client, model_name, requests, value, args.temperature, args.n_token, result)
-                else:
-                    await open_loop(client, model_name, requests, value, args.temperature, args.n_token, result,
-                                    args.seed)
-                result.wall_s = time.perf_counter() - started
-                results.append(result)
-                print(f"{result.model} {label} {name}: {result.tokens_per_s:.1f} tokens/s, {result.errors} errors",
-                      flush=True)
-            return results
+        loads = [("C", c) for c in args.concurrency] + [("R", r) for r in args.arrival_rate]
+        results = []
+        for kind, value in loads:
+            name = f"C={value}" if kind == "C" else f"R={value:g}/s"
+            by_label = {label: LoadResult(shown_as, label, name, len(requests)) for label, _ in targets}
+            for number, chosen in enumerate(rounds):
+                for label, client in clients.items():
+                    result, part = by_label[label], [(i, requests[i]) for i in chosen]
+                    started = time.perf_counter()
+                    if kind == "C":
+                        await closed_loop(client, model_name, part, value, args.temperature, args.n_token, result)
+                    else:
+                        await open_loop(client, model_name, part, value, args.temperature, args.n_token, result,
+                                        args.seed + number)
+                    result.wall_s += time.perf_counter() - started
+            for result in by_label.values():
+                print(f"{shown_as} {result.label} {name}: {result.tokens_per_s:.1f} tokens/s, "
+                      f"{result.errors} errors", flush=True)
+            results += by_label.values()
+        for client in clients.values():
+            if isinstance(client, openai.AsyncOpenAI):
+                await client.close()
+        return results
 
     return asyncio.run(all_loads())
 
 
-def alone_texts(url: str, api_key: str, model_name: str, args, requests) -> dict[int, str]:
+def alone_texts(target, api_key: str, model_name: str, args, requests) -> dict[int, str]:
     """Each request sent alone, one after the other: the greedy reference of the load runs."""
     async def sequential() -> dict[int, str]:
-        async with openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=api_key, max_retries=0, timeout=900) as client:
-            result = LoadResult(model_name, "alone", "C=1", len(requests))
-            for index, request in enumerate(requests):
-                await send(client, model_name, request, 0.0, args.n_token, result, index)
-            return result.texts
+        client = (openai.AsyncOpenAI(base_url=f"{target}/v1", api_key=api_key, max_retries=0, timeout=900)
+                  if isinstance(target, str) else target)
+        result = LoadResult(model_name, "alone", "C=1", len(requests))
+        for index, request in enumerate(requests):
+            await send(client, model_name, request, 0.0, args.n_token, result, index)
+        return result.texts
 
     return asyncio.run(sequential())
 
@@ -255,45 +288,86 @@ def load_requests(args, model: str) -> list[LoadRequest]:
 
 
 def measure_local(args) -> list[LoadResult]:
-    """Start Ray + Serve here and measure each (model, deployment), alone on the machine."""
+    """Start Ray + Serve here and measure every deployment of every model: one model's
+    deployments run side by side as separate applications (idle replicas cost nothing) and take
+    turns on the same requests."""
     import ray
     from ray import serve
 
     from cllm_serve.app import BuilderArgs, build_app
 
     workdir = tempfile.TemporaryDirectory()
-    port, url = free_port(), None
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
     # address="local": a new Ray here, never one that happens to run on this machine already.
-    ray.init(address="local", num_cpus=args.num_cpus, object_store_memory=100 * 1024 * 1024,
-             include_dashboard=False)
+    ray.init(address="local", num_cpus=max(args.num_cpus, 2 * len(args.deployments)),
+             object_store_memory=100 * 1024 * 1024, include_dashboard=False)
     results: list[LoadResult] = []
     try:
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        url = f"http://127.0.0.1:{port}"
         for name, model in args.models:
             if model == "tiny":
                 model = str(Path(workdir.name) / "tiny")
                 save_tiny_checkpoint(model)
             requests = load_requests(args, model)
-            reference: dict[int, str] | None = None
-            for label in args.deployments:
+            targets = []
+            for number, label in enumerate(args.deployments):
                 deployment = DEPLOYMENTS[label]
                 app = build_app(BuilderArgs(
                     model=model, served_model_name="bench", mode=deployment.mode, scheduler=deployment.scheduler,
                     max_batch_size=deployment.max_batch_size, num_cpus=1, num_gpus=args.num_gpus,
                     max_ongoing_requests=max(64, len(requests)), max_queued_requests=-1,
                 ))
-                serve.run(app, name="bench", route_prefix="/")
-                if reference is None and args.temperature == 0 and args.check_alone:
-                    reference = alone_texts(url, "unused", "bench", args, requests)
-                for result in measure(url, "unused", "bench", label, args, requests, shown_as=name):
-                    if reference is not None:
-                        result.mismatches = sum(text != reference[i] for i, text in result.texts.items())
-                    results.append(result)
-                serve.delete("bench")
+                serve.run(app, name=f"bench{number}", route_prefix=f"/bench{number}")
+                targets.append((label, f"{url}/bench{number}"))
+            reference = None
+            if args.temperature == 0 and args.check_alone:
+                reference = alone_texts(targets[0][1], "unused", "bench", args, requests)
+            for result in measure(targets, "unused", "bench", name, args, requests):
+                if reference is not None:
+                    result.mismatches = sum(text != reference[i] for i, text in result.texts.items())
+                results.append(result)
+            for number in range(len(args.deployments)):
+                serve.delete(f"bench{number}")
     finally:
         serve.shutdown()
         ray.shutdown()
+        workdir.cleanup()
+    return results
+
+
+def measure_in_process(args) -> list[LoadResult]:
+    """The same loads on the decoder deployment's class itself, in this process: no Ray, no HTTP,
+    so the figures show the engine and its scheduler without the serving path's overhead."""
+    import torch
+
+    from cllm_serve.decoder import Decoder, DecoderSettings
+
+    torch.set_num_threads(1)
+    workdir = tempfile.TemporaryDirectory()
+    results: list[LoadResult] = []
+    try:
+        for name, model in args.models:
+            if model == "tiny":
+                model = str(Path(workdir.name) / "tiny")
+                save_tiny_checkpoint(model)
+            requests = load_requests(args, model)
+            decoders = []
+            for label in args.deployments:
+                deployment = DEPLOYMENTS[label]
+                settings = DecoderSettings(model=model, mode=deployment.mode, scheduler=deployment.scheduler,
+                                           max_batch_size=deployment.max_batch_size)
+                decoders.append((label, Decoder.func_or_class(settings)))
+            reference = None
+            if args.temperature == 0 and args.check_alone:
+                reference = alone_texts(decoders[0][1], "", name, args, requests)
+            for result in measure(decoders, "", name, name, args, requests):
+                if reference is not None:
+                    result.mismatches = sum(text != reference[i] for i, text in result.texts.items())
+                results.append(result)
+            for _, decoder in decoders:
+                decoder.__del__()
+    finally:
         workdir.cleanup()
     return results
 
@@ -336,8 +410,11 @@ def main() -> None:
     parser.add_argument("--deployments", nargs="+", choices=list(DEPLOYMENTS),
                         default=["jacobi, continuous", "jacobi, dynamic", "ar, continuous", "ar, dynamic"])
     parser.add_argument("--url", help="measure this running server instead of starting deployments here")
+    parser.add_argument("--in-process", action="store_true",
+                        help="drive the decoder deployment's class here, without Ray or HTTP")
     parser.add_argument("--api-key", default="unused", help="bearer key for --url (CLLM_API_KEY of the server)")
     parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=2, help="the deployments take turns on this many parts")
     parser.add_argument("--concurrency", type=int, nargs="*", default=[1, 8], help="closed-loop clients")
     parser.add_argument("--arrival-rate", type=float, nargs="*", default=[], help="Poisson arrivals per second")
     parser.add_argument("--max-tokens", type=int, default=64)
@@ -361,7 +438,10 @@ def main() -> None:
 
     if args.url:
         served = openai.OpenAI(base_url=f"{args.url}/v1", api_key=args.api_key).models.list().data[0].id
-        results = measure(args.url, args.api_key, served, served, args, load_requests(args, args.models[0][1]))
+        results = measure([(served, args.url)], args.api_key, served, args.models[0][0], args,
+                          load_requests(args, args.models[0][1]))
+    elif args.in_process:
+        results = measure_in_process(args)
     else:
         results = measure_local(args)
     print_report(results)

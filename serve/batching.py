@@ -89,6 +89,19 @@ class Failed:
 Event = Accepted | Rejected | TextDelta | Finished | Failed
 
 
+def coalesce(events: list[Event]) -> list[Event]:
+    """Merge each run of adjacent text deltas of one choice into one delta: under load the engine
+    verifies tokens faster than they can cross to the ingress one by one."""
+    merged: list[Event] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if isinstance(event, TextDelta) and isinstance(last, TextDelta) and last.index == event.index:
+            merged[-1] = TextDelta(last.text + event.text, event.index, last.logprobs + event.logprobs)
+        else:
+            merged.append(event)
+    return merged
+
+
 # -- text assembly --------------------------------------------------------------------------------
 
 

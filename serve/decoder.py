@@ -36,6 +36,7 @@ from cllm_serve.batching import (
     StopTextAssembler,
     TextDelta,
     TokenStream,
+    coalesce,
 )
 from cllm_serve.metrics import DecoderMetrics
 
@@ -131,18 +132,14 @@ class Decoder:
         """The same events with each choice's consecutive text deltas merged: for non-streaming
         requests, so the text crosses to the ingress once rather than token by token."""
         events: list[Event] = []
-        last_delta: dict[int, int] = {}  # choice -> position of its open text delta in `events`
         async with aclosing(self._events(request)) as stream:
             async for event in stream:
-                if isinstance(event, TextDelta) and event.index in last_delta:
-                    at = last_delta[event.index]
-                    merged = events[at]
-                    events[at] = TextDelta(merged.text + event.text, event.index, merged.logprobs + event.logprobs)
-                    continue
-                if isinstance(event, TextDelta):
-                    last_delta[event.index] = len(events)
                 events.append(event)
-        return events
+        # Each choice's deltas, together, before the events that end the choices.
+        deltas = [event for event in events if isinstance(event, TextDelta)]
+        ordered = sorted(deltas, key=lambda delta: delta.index)
+        others = [event for event in events if not isinstance(event, TextDelta)]
+        return others[:1] + coalesce(ordered) + others[1:]
 
     def load(self) -> Load:
         stats = self._loop.stats()
@@ -177,10 +174,13 @@ class Decoder:
         open_choices = set(range(request.n))
         try:
             while open_choices:
-                event = await queue.get()
-                if isinstance(event, (Finished, Failed)):
-                    open_choices.discard(event.index)
-                yield event
+                ready = [await queue.get()]
+                while not queue.empty():  # whatever else is ready goes out with it
+                    ready.append(queue.get_nowait())
+                for event in coalesce(ready):
+                    if isinstance(event, (Finished, Failed)):
+                        open_choices.discard(event.index)
+                    yield event
         finally:
             # Normal end, or Serve cancelled us because the client left: rows still decoding
             # must stop costing forwards and free their slots; waiting ones must not start.

@@ -323,6 +323,20 @@ def test_sampling_with_a_seed_is_reproducible_and_n_gives_choices(server):
 
 
 @slow
+def test_one_bad_request_does_not_fail_its_batch(server):
+    bodies = [
+        {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 20},
+        {"model": MODEL_NAME, "prompt": PROMPTS[1], "max_tokens": 20, "seed": -(2**63) - 1},  # out of range
+        {"model": MODEL_NAME, "prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0.8, "seed": 3},
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: server.post("/v1/completions", json=body), bodies))
+    assert error_of(replies[1], 400)["param"] == "seed"
+    assert replies[0].json()["choices"][0]["text"] == server.reference.text(PROMPTS[0], 20)
+    assert replies[2].status_code == 200 and replies[2].json()["usage"]["completion_tokens"] >= 1
+
+
+@slow
 def test_logprobs_in_openai_shapes(server):
     prompt_ids = server.reference.ids(PROMPTS[0])
     ids = server.reference.generate(prompt_ids, 6)
