@@ -218,7 +218,10 @@ class TokenStream:
             self.cancelled = True
 
     def _push(self, event: Event) -> None:
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the reader's event loop is gone: nobody is left to tell
+            self.cancelled = True
 
 
 # -- the engine loop ------------------------------------------------------------------------------
@@ -373,7 +376,10 @@ class EngineLoop:
             else:
                 job.stream.finish(request.stats.forwards)
             if self._on_finished is not None:
-                self._on_finished(request)
+                try:
+                    self._on_finished(request)
+                except Exception:  # metrics must never stop the loop
+                    logger.exception("recording a finished request failed")
 
 
 def _failure_message(error: BaseException | None) -> str:

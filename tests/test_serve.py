@@ -868,3 +868,30 @@ def test_check_health_fails_once_the_engine_loop_stops(checkpoint):
     decoder.__del__()  # what Serve calls when the replica shuts down
     with pytest.raises(RuntimeError, match="engine"):
         decoder.check_health()
+
+
+def test_a_stream_whose_reader_is_gone_does_not_stop_the_engine_loop(checkpoint):
+    from cllm import Engine, RequestParams
+    from cllm_serve.batching import EngineJob, EngineLoop, Finished, StopTextAssembler, TokenStream
+
+    model = Reference(checkpoint).model
+    engine_loop = EngineLoop(lambda: Engine(model, max_rows=2), batch_wait_s=0)
+
+    def job(loop, queue) -> EngineJob:
+        stream = TokenStream(loop, queue, StopTextAssembler(lambda ids: str(len(ids)), ()), 40, frozenset())
+        return EngineJob([5, 6, 7], RequestParams(max_new_tokens=40, n_token=4), stream)
+
+    async def abandon() -> None:  # submits, then its event loop closes before the row is done
+        engine_loop.submit(job(asyncio.get_running_loop(), asyncio.Queue()))
+
+    async def finish() -> Finished:
+        queue: asyncio.Queue = asyncio.Queue()
+        engine_loop.submit(job(asyncio.get_running_loop(), queue))
+        while not isinstance(event := await queue.get(), Finished):
+            pass
+        return event
+
+    asyncio.run(abandon())
+    assert asyncio.run(finish()).completion_tokens == 40
+    assert engine_loop.alive
+    engine_loop.shutdown()
