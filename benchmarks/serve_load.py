@@ -83,6 +83,7 @@ class LoadResult:
     latencies_s: list[float] = field(default_factory=list)
     texts: dict[int, str] = field(default_factory=dict)
     mismatches: int | None = None  # greedy replies that differ from the request sent alone
+    model_forwards: int = 0  # the decoder's forwards during the load (0: unknown)
 
     @property
     def tokens_per_s(self) -> float:
@@ -91,6 +92,11 @@ class LoadResult:
     @property
     def tokens_per_forward(self) -> float:
         return self.completion_tokens / self.forwards if self.forwards else 0.0
+
+    @property
+    def rows_per_forward(self) -> float:
+        """Mean batch occupancy: the requests' forwards over the model's forwards."""
+        return self.forwards / self.model_forwards if self.model_forwards else float("nan")
 
     def summary(self) -> dict:
         return {
@@ -106,6 +112,7 @@ class LoadResult:
             "latency_p50_ms": round(percentile_ms(self.latencies_s, 0.5), 1),
             "latency_p99_ms": round(percentile_ms(self.latencies_s, 0.99), 1),
             "tokens_per_forward": round(self.tokens_per_forward, 3),
+            "rows_per_forward": round(self.rows_per_forward, 2),
         }
 
 
@@ -189,16 +196,18 @@ async def open_loop(client, model, requests, rate, temperature, n_token, result,
     await asyncio.gather(*(arrive(i, request, arrival) for (i, request), arrival in zip(requests, arrivals)))
 
 
-def measure(targets: list[tuple[str, str]], api_key: str, model_name: str, shown_as: str, args,
+def measure(targets: list[tuple], api_key: str, model_name: str, shown_as: str, args,
             requests: list[LoadRequest]) -> list[LoadResult]:
-    """Every load of `args` on every (label, base URL) target. The requests are split into
+    """Every load of `args` on every (label, base URL or decoder[, forwards probe]) target; the
+    probe, when given, returns the decoder's model forwards so far. The requests are split into
     `args.rounds` rounds, and the targets take turns round by round, so that a shared machine's
     slow spells hit them alike."""
     rounds = [list(range(len(requests)))[start::args.rounds] for start in range(args.rounds)]
 
     async def all_loads() -> list[LoadResult]:
         clients = {label: openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=api_key, max_retries=0, timeout=900)
-                   if isinstance(base, str) else base for label, base in targets}
+                   if isinstance(base, str) else base for label, base, *_ in targets}
+        probes = {label: probe[0] if probe else None for label, _, *probe in targets}
         for client in clients.values():  # one request each first, so warm-up is not in the figures
             await send(client, model_name, requests[0], args.temperature, args.n_token,
                        LoadResult(model_name, "warm-up", "", 1), 0)
@@ -206,10 +215,11 @@ def measure(targets: list[tuple[str, str]], api_key: str, model_name: str, shown
         results = []
         for kind, value in loads:
             name = f"C={value}" if kind == "C" else f"R={value:g}/s"
-            by_label = {label: LoadResult(shown_as, label, name, len(requests)) for label, _ in targets}
+            by_label = {label: LoadResult(shown_as, label, name, len(requests)) for label, *_ in targets}
             for number, chosen in enumerate(rounds):
                 for label, client in clients.items():
                     result, part = by_label[label], [(i, requests[i]) for i in chosen]
+                    forwards_before = probes[label]() if probes[label] else 0
                     started = time.perf_counter()
                     if kind == "C":
                         await closed_loop(client, model_name, part, value, args.temperature, args.n_token, result)
@@ -217,6 +227,8 @@ def measure(targets: list[tuple[str, str]], api_key: str, model_name: str, shown
                         await open_loop(client, model_name, part, value, args.temperature, args.n_token, result,
                                         args.seed + number)
                     result.wall_s += time.perf_counter() - started
+                    if probes[label]:
+                        result.model_forwards += probes[label]() - forwards_before
             for result in by_label.values():
                 print(f"{shown_as} {result.label} {name}: {result.tokens_per_s:.1f} tokens/s, "
                       f"{result.errors} errors", flush=True)
@@ -319,7 +331,8 @@ def measure_local(args) -> list[LoadResult]:
                     max_ongoing_requests=max(64, len(requests)), max_queued_requests=-1,
                 ))
                 serve.run(app, name=f"bench{number}", route_prefix=f"/bench{number}")
-                targets.append((label, f"{url}/bench{number}"))
+                handle = serve.get_deployment_handle("Decoder", app_name=f"bench{number}")
+                targets.append((label, f"{url}/bench{number}", _forwards_probe(handle)))
             reference = None
             if args.temperature == 0 and args.check_alone:
                 reference = alone_texts(targets[0][1], "unused", "bench", args, requests)
@@ -334,6 +347,11 @@ def measure_local(args) -> list[LoadResult]:
         ray.shutdown()
         workdir.cleanup()
     return results
+
+
+def _forwards_probe(handle):
+    """The model forwards of the replica behind `handle` (one replica: the benchmark's apps)."""
+    return lambda: handle.load.remote().result(timeout_s=60).forwards
 
 
 def measure_in_process(args) -> list[LoadResult]:
@@ -357,7 +375,8 @@ def measure_in_process(args) -> list[LoadResult]:
                 deployment = DEPLOYMENTS[label]
                 settings = DecoderSettings(model=model, mode=deployment.mode, scheduler=deployment.scheduler,
                                            max_batch_size=deployment.max_batch_size)
-                decoders.append((label, Decoder.func_or_class(settings)))
+                decoder = Decoder.func_or_class(settings)
+                decoders.append((label, decoder, lambda decoder=decoder: decoder.load().forwards))
             reference = None
             if args.temperature == 0 and args.check_alone:
                 reference = alone_texts(decoders[0][1], "", name, args, requests)
@@ -365,7 +384,7 @@ def measure_in_process(args) -> list[LoadResult]:
                 if reference is not None:
                     result.mismatches = sum(text != reference[i] for i, text in result.texts.items())
                 results.append(result)
-            for _, decoder in decoders:
+            for _, decoder, _ in decoders:
                 decoder.__del__()
     finally:
         workdir.cleanup()
@@ -378,7 +397,7 @@ def ratio(top: float, bottom: float) -> str:
 
 def print_report(results: list[LoadResult]) -> None:
     header = (f"{'model':<8}{'deployment':<21}{'load':>8}{'reqs':>6}{'err':>5}{'diff':>6}{'tok/s':>9}"
-              f"{'TTFT p50':>10}{'TTFT p99':>10}{'lat p50':>9}{'lat p99':>9}{'TPF':>6}")
+              f"{'TTFT p50':>10}{'TTFT p99':>10}{'lat p50':>9}{'lat p99':>9}{'TPF':>6}{'rows/fwd':>9}")
     print(header)
     print("-" * len(header))
     for result in results:
@@ -386,7 +405,8 @@ def print_report(results: list[LoadResult]) -> None:
         diff = "-" if row["mismatches"] is None else str(row["mismatches"])
         print(f"{row['model']:<8}{row['label']:<21}{row['load']:>8}{row['requests']:>6}{row['errors']:>5}{diff:>6}"
               f"{row['tokens_per_s']:>9.1f}{row['ttft_p50_ms']:>10.0f}{row['ttft_p99_ms']:>10.0f}"
-              f"{row['latency_p50_ms']:>9.0f}{row['latency_p99_ms']:>9.0f}{row['tokens_per_forward']:>6.2f}")
+              f"{row['latency_p50_ms']:>9.0f}{row['latency_p99_ms']:>9.0f}{row['tokens_per_forward']:>6.2f}"
+              f"{row['rows_per_forward']:>9.2f}")
     by_key = {(r.model, r.label, r.load): r for r in results}
     for model, label, load in sorted(by_key):
         for mode in ("jacobi", "ar"):
@@ -395,6 +415,7 @@ def print_report(results: list[LoadResult]) -> None:
                 ttft = ratio(percentile_ms(dyn.ttft_s, 0.99), percentile_ms(cont.ttft_s, 0.99))
                 latency = ratio(percentile_ms(dyn.latencies_s, 0.99), percentile_ms(cont.latencies_s, 0.99))
                 print(f"{model} {load} {mode}: continuous/dynamic tokens/s {ratio(cont.tokens_per_s, dyn.tokens_per_s)}"
+                      f", rows per forward {ratio(cont.rows_per_forward, dyn.rows_per_forward)}"
                       f", p99 TTFT dynamic/continuous {ttft}, p99 latency dynamic/continuous {latency}")
         for scheduler in ("continuous", "dynamic"):
             if label == f"jacobi, {scheduler}" and (model, f"ar, {scheduler}", load) in by_key:

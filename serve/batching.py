@@ -246,6 +246,7 @@ class LoopStats:
     batches: int  # groups of requests that joined together (one prefill each)
     batched_rows: int  # requests that joined so far
     peak_rows: int  # the most rows that shared a forward
+    forwards: int  # model forwards (prefills and iterations) so far
 
 
 class EngineLoop:
@@ -273,7 +274,7 @@ class EngineLoop:
         self._aborts: list[EngineJob] = []
         self._jobs: dict[int, EngineJob] = {}  # engine id -> job
         self._stopping = False
-        self._generated_tokens = self._batches = self._batched_rows = self._peak_rows = 0
+        self._generated_tokens = self._batches = self._batched_rows = self._peak_rows = self._forwards = 0
         self._thread = threading.Thread(target=self._run, name="cllm-engine-loop", daemon=True)
         self._thread.start()
 
@@ -297,7 +298,8 @@ class EngineLoop:
         with self._lock:
             queued = len(self._pending) + self._engine.waiting
             return LoopStats(
-                queued, self._engine.running, self._generated_tokens, self._batches, self._batched_rows, self._peak_rows
+                queued, self._engine.running, self._generated_tokens, self._batches, self._batched_rows,
+                self._peak_rows, self._forwards,
             )
 
     @property
@@ -358,8 +360,10 @@ class EngineLoop:
             return 0.0 if self._pending else None
 
     def _step(self) -> None:
+        forwards = self._engine.forwards
         try:
             finished = self._engine.step()
+            self._forwards += self._engine.forwards - forwards
             self._peak_rows = max(self._peak_rows, self._engine.running + len(finished))
         except Exception:  # a bug or a broken device: fail what runs, start over, keep serving
             logger.exception("the decoding engine failed; failing its %d requests", len(self._jobs))

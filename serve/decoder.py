@@ -92,6 +92,7 @@ class Load:
     batches: int  # groups of requests that joined the engine together
     batched_rows: int  # rows (choices) that joined so far; batched_rows / batches: mean group size
     peak_rows: int  # the most rows that ever shared a forward
+    forwards: int  # model forwards so far; the rows' forwards (usage) / this = rows per forward
 
 
 @serve.deployment(name="Decoder")
@@ -144,7 +145,8 @@ class Decoder:
     def load(self) -> Load:
         stats = self._loop.stats()
         return Load(
-            stats.queued, stats.running_rows, stats.generated_tokens, stats.batches, stats.batched_rows, stats.peak_rows
+            stats.queued, stats.running_rows, stats.generated_tokens, stats.batches, stats.batched_rows,
+            stats.peak_rows, stats.forwards,
         )
 
     def check_health(self) -> None:
