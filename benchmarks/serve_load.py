@@ -199,7 +199,8 @@ async def open_loop(client, model, requests, rate, temperature, n_token, result,
 def measure(targets: list[tuple], api_key: str, model_name: str, shown_as: str, args,
             requests: list[LoadRequest]) -> list[LoadResult]:
     """Every load of `args` on every (label, base URL or decoder[, forwards probe]) target; the
-    probe, when given, returns the decoder's model forwards so far. The requests are split into
+    probe, when given, is an async function returning the decoder's model forwards so far. The
+    requests are split into
     `args.rounds` rounds, and the targets take turns round by round, so that a shared machine's
     slow spells hit them alike."""
     rounds = [list(range(len(requests)))[start::args.rounds] for start in range(args.rounds)]
@@ -219,7 +220,7 @@ def measure(targets: list[tuple], api_key: str, model_name: str, shown_as: str, 
             for number, chosen in enumerate(rounds):
                 for label, client in clients.items():
                     result, part = by_label[label], [(i, requests[i]) for i in chosen]
-                    forwards_before = probes[label]() if probes[label] else 0
+                    forwards_before = await probes[label]() if probes[label] else 0
                     started = time.perf_counter()
                     if kind == "C":
                         await closed_loop(client, model_name, part, value, args.temperature, args.n_token, result)
@@ -228,7 +229,7 @@ def measure(targets: list[tuple], api_key: str, model_name: str, shown_as: str, 
                                         args.seed + number)
                     result.wall_s += time.perf_counter() - started
                     if probes[label]:
-                        result.model_forwards += probes[label]() - forwards_before
+                        result.model_forwards += await probes[label]() - forwards_before
             for result in by_label.values():
                 print(f"{shown_as} {result.label} {name}: {result.tokens_per_s:.1f} tokens/s, "
                       f"{result.errors} errors", flush=True)
@@ -351,7 +352,17 @@ def measure_local(args) -> list[LoadResult]:
 
 def _forwards_probe(handle):
     """The model forwards of the replica behind `handle` (one replica: the benchmark's apps)."""
-    return lambda: handle.load.remote().result(timeout_s=60).forwards
+    async def probe() -> int:
+        return (await handle.load.remote()).forwards
+
+    return probe
+
+
+def _in_process_probe(decoder):
+    async def probe() -> int:
+        return decoder.load().forwards
+
+    return probe
 
 
 def measure_in_process(args) -> list[LoadResult]:
@@ -376,7 +387,7 @@ def measure_in_process(args) -> list[LoadResult]:
                 settings = DecoderSettings(model=model, mode=deployment.mode, scheduler=deployment.scheduler,
                                            max_batch_size=deployment.max_batch_size)
                 decoder = Decoder.func_or_class(settings)
-                decoders.append((label, decoder, lambda decoder=decoder: decoder.load().forwards))
+                decoders.append((label, decoder, _in_process_probe(decoder)))
             reference = None
             if args.temperature == 0 and args.check_alone:
                 reference = alone_texts(decoders[0][1], "", name, args, requests)

@@ -3,11 +3,12 @@
 One Serve instance for the module, on a private local Ray (loopback only), serving a tiny random
 Llama saved to disk with a small word-level tokenizer, through two applications:
 
-- `main` (route prefix /): autoscaled Decoder (1 to 2 replicas), dynamic batching;
+- `main` (route prefix /): autoscaled Decoder (1 to 2 replicas), continuous batching;
 - `tight` (route prefix /tight): one replica that takes one request at a time and queues one more,
   for the over-capacity and client-disconnect cases.
 
-Every text is compared with `cllm.ar_generate` (greedy AR) on the same model in this process.
+Every greedy text is compared with `cllm.ar_generate` (greedy AR) on the same model in this
+process. The in-process tests at the end construct the decoder deployment's class directly.
 """
 
 from __future__ import annotations
