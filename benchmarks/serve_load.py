@@ -250,6 +250,8 @@ def alone_texts(target, api_key: str, model_name: str, args, requests) -> dict[i
         result = LoadResult(model_name, "alone", "C=1", len(requests))
         for index, request in enumerate(requests):
             await send(client, model_name, request, 0.0, args.n_token, result, index)
+        if isinstance(client, openai.AsyncOpenAI):
+            await client.close()
         return result.texts
 
     return asyncio.run(sequential())

@@ -38,9 +38,26 @@ def cache_kwargs(model: torch.nn.Module, cache: Any) -> dict[str, Any]:
     return {name: cache}
 
 
-def takes_logits_to_keep(model: torch.nn.Module) -> bool:
-    """Whether `model.forward` can compute logits for chosen positions only (`logits_to_keep`)."""
-    return "logits_to_keep" in _forward_parameters(type(model))
+def logits_to_keep_kwargs(model: torch.nn.Module, positions: list[int], width: int) -> dict[str, Any]:
+    """The `logits_to_keep` argument that computes logits at `positions` only (one per row of a
+    batch `width` tokens wide), where the model and the installed release allow it: the last
+    position as an int everywhere, different positions per row as a (rows, 1) tensor where
+    transformers slices by tensor (5.2x's `slice_logits_to_keep`). Otherwise nothing: the caller
+    picks the positions out of the full logits."""
+    if "logits_to_keep" not in _forward_parameters(type(model)):
+        return {}
+    if all(position == width - 1 for position in positions):
+        return {"logits_to_keep": 1}
+    if _slices_by_tensor():
+        return {"logits_to_keep": torch.tensor(positions, device=model.device)[:, None]}
+    return {}
+
+
+@cache
+def _slices_by_tensor() -> bool:
+    from transformers import modeling_utils
+
+    return hasattr(modeling_utils, "slice_logits_to_keep")
 
 
 def new_cache(model: torch.nn.Module) -> DynamicCache:

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.cache import SlotCache, cache_kwargs, takes_logits_to_keep
+from cllm.cache import SlotCache, cache_kwargs, logits_to_keep_kwargs
 from cllm.metrics import common_prefix_length
 from cllm.row import FinishReason, RequestParams, Row, RowCallback, RowStats
 from cllm.sampling import TokenLogprob, random_keys, speculative_step, target_probs, token_logprobs
@@ -81,7 +81,6 @@ class Engine:
         self.isolate_failures = isolate_failures
         self.cache = SlotCache(model, max_slots=max_rows)
         self.vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
-        self._logits_to_keep = takes_logits_to_keep(model)
         self._dtype = getattr(model, "dtype", torch.float32)  # of the attention mask (eager attention)
         self._seeds = random.Random(seed) if seed is not None else random.SystemRandom()
         self._waiting: deque[Row] = deque()
@@ -217,9 +216,9 @@ class Engine:
 
     # -- forwards --------------------------------------------------------------------------------
 
-    def _forward(self, rows: list[Row], feeds: list[list[int]], keep: torch.Tensor | None = None) -> torch.Tensor:
+    def _forward(self, rows: list[Row], feeds: list[list[int]], keep: list[int] | None = None) -> torch.Tensor:
         """Logits (rows, positions, vocab) of one forward over the rows' slots, each row fed its
-        tokens at its own end; `keep` (rows, k) picks the positions whose logits are computed."""
+        tokens at its own end; with `keep` (a position per row), only those positions' logits."""
         device = self.model.device
         width = max(len(feed) for feed in feeds)
         input_ids = torch.tensor([feed + [self.pad] * (width - len(feed)) for feed in feeds], device=device)
@@ -227,21 +226,21 @@ class Engine:
             rows[0].slot, [row.length for row in rows], width, device, self._dtype
         )
         kwargs = cache_kwargs(self.model, self.cache)
-        if keep is not None and self._logits_to_keep:
-            kwargs["logits_to_keep"] = keep
+        if keep is not None:
+            kwargs.update(logits_to_keep_kwargs(self.model, keep, width))
         self.forwards += 1
         logits = self.model(
             input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=True, **kwargs
         ).logits
-        if keep is not None and logits.shape[1] != keep.shape[1]:  # a model without logits_to_keep
-            logits = logits.gather(1, keep[..., None].expand(-1, -1, logits.shape[-1]))
+        if keep is not None and logits.shape[1] != 1:  # the model computed every position
+            index = torch.tensor(keep, device=logits.device)[:, None, None].expand(-1, 1, logits.shape[-1])
+            logits = logits.gather(1, index)
         return logits
 
     def _prefill(self, rows: list[Row]) -> None:
-        keep = torch.tensor([[len(row.prompt) - 1] for row in rows], device=self.model.device)
         for row in rows:
             row.length = 0
-        logits = self._forward(rows, [row.prompt for row in rows], keep)
+        logits = self._forward(rows, [row.prompt for row in rows], [len(row.prompt) - 1 for row in rows])
         choices = self._choose(rows, logits, [[] for _ in rows])
         for index, row in enumerate(rows):
             row.length = len(row.prompt)
