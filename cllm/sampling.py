@@ -11,7 +11,7 @@ and the positions after it are redrafted from the current p. Each verified token
 distributed exactly as AR sampling from p would draw it. Temperature 0 never comes here: the
 engine takes the argmax, which is exactly greedy decoding.
 
-Random numbers are counter-based: uniform(seed, step, position, stream) is a hash. One batched op
+Random numbers are counter-based: uniform(seed, step, stream, position) is a hash. One batched op
 draws for every row, and a request's draws never depend on what else shares its batch, so the
 same seed gives the same text.
 """
@@ -21,11 +21,13 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cache
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
-ACCEPT_STREAM, DRAW_STREAM = 0, 1
+ACCEPT_STREAM, DRAW_STREAM = 0, 1  # the two streams of uniforms each iteration draws
+STREAMS = 2
 
 
 @dataclass(frozen=True)
@@ -83,6 +85,16 @@ def target_probs(logits: torch.Tensor, params: Sequence[SamplingParams]) -> torc
 
 # -- counter-based random numbers -----------------------------------------------------------------
 
+_MASK64 = (1 << 64) - 1
+
+
+def _splitmix64(x: int) -> int:
+    """SplitMix64's finalizer, in Python: a well-mixed 64-bit hash of a 64-bit integer."""
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
 
 def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
     """The low 32 bits of x * constant for x < 2**32, without overflowing int64."""
@@ -99,19 +111,24 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
 
 
 def random_keys(seeds: Sequence[int], counters: Sequence[int], device: torch.device) -> torch.Tensor:
-    """(rows, 3) int64 keys for `uniforms`: each row's seed split in two 32-bit words, and its
-    counter (how many times the row has drawn before)."""
-    words = [[seed & _MASK32, (seed >> 32) & _MASK32, counter & _MASK32] for seed, counter in zip(seeds, counters)]
-    return torch.tensor(words, dtype=torch.int64, device=device)
+    """(rows,) int64 keys for `uniforms`: a 32-bit hash of each row's seed and counter (how many
+    times the row has drawn before), computed here so the device sees one small tensor."""
+    keys = [_splitmix64(_splitmix64(seed & _MASK64) ^ counter) & _MASK32 for seed, counter in zip(seeds, counters)]
+    return torch.tensor(keys, dtype=torch.int64, device=device)
 
 
-def uniforms(keys: torch.Tensor, width: int, stream: int) -> torch.Tensor:
-    """(rows, width) float64 uniforms in (0, 1), a pure function of (key, position, stream)."""
-    position = torch.arange(width, device=keys.device, dtype=torch.int64) * 2 + stream + 0x9E3779B9
-    h = _mix32(position & _MASK32)[None, :]
-    for column in (2, 1, 0):  # counter, then the seed's two words
-        h = _mix32(h ^ keys[:, column : column + 1])
-    return (h.double() + 0.5) / 2.0**32
+@cache
+def _position_hashes(width: int) -> tuple[int, ...]:
+    # Index position * STREAMS + stream: a draw never depends on the batch's width.
+    return tuple(_splitmix64(index) & _MASK32 for index in range(width * STREAMS))
+
+
+def uniforms(keys: torch.Tensor, width: int) -> torch.Tensor:
+    """(rows, STREAMS, width) float64 uniforms in (0, 1), a pure function of (key, stream,
+    position): one hash round over a tensor, whatever the number of rows."""
+    positions = torch.tensor(_position_hashes(width), dtype=torch.int64, device=keys.device)
+    h = _mix32(keys[:, None] ^ positions[None, :])
+    return ((h.double() + 0.5) / 2.0**32).view(-1, width, STREAMS).transpose(1, 2)
 
 
 def sample_from(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
@@ -153,15 +170,17 @@ def speculative_step(
     the block), and after it fresh drafts drawn from p."""
     width = p.shape[1]
     index = drafts.unsqueeze(-1)
-    u = uniforms(keys, width, ACCEPT_STREAM)
-    accepted = accept_drafts(p.gather(-1, index).squeeze(-1), q.gather(-1, index).squeeze(-1), u, draft_counts)
+    u = uniforms(keys, width)
+    accepted = accept_drafts(
+        p.gather(-1, index).squeeze(-1), q.gather(-1, index).squeeze(-1), u[:, ACCEPT_STREAM], draft_counts
+    )
     positions = torch.arange(width, device=p.device)
     rejected_at = (positions == accepted[:, None]) & (accepted < draft_counts)[:, None]
     residual = (p - q).clamp_(min=0)
     # p == q leaves nothing to draw from; a rejection is then (numerically) impossible anyway.
     residual = torch.where(residual.sum(-1, keepdim=True) > 0, residual, p)
     dist = torch.where(rejected_at.unsqueeze(-1), residual, p)
-    return accepted, sample_from(dist, uniforms(keys, width, DRAW_STREAM))
+    return accepted, sample_from(dist, u[:, DRAW_STREAM])
 
 
 def token_logprobs(

@@ -137,13 +137,19 @@ def test_sampling_parameters_are_validated():
 
 def test_counter_based_uniforms_are_uniform_and_keyed():
     keys = sampling.random_keys(list(range(500)), [3] * 500, torch.device("cpu"))
-    u = sampling.uniforms(keys, 64, sampling.ACCEPT_STREAM)
-    assert u.shape == (500, 64) and 0 < u.min() and u.max() < 1
+    draws = sampling.uniforms(keys, 64)
+    u = draws[:, sampling.ACCEPT_STREAM]
+    assert draws.shape == (500, 2, 64) and 0 < draws.min() and draws.max() < 1
     assert abs(u.mean().item() - 0.5) < 0.01 and abs(u.var().item() - 1 / 12) < 0.005
     histogram = torch.histc(u.float(), bins=10, min=0, max=1)
     assert (histogram - 3200).abs().max() < 250  # 32,000 draws in ten equal bins
-    assert not torch.equal(u, sampling.uniforms(keys, 64, sampling.DRAW_STREAM))
-    again = sampling.uniforms(sampling.random_keys([7], [3], torch.device("cpu")), 64, 0)
-    assert torch.equal(again[0], u[7])
+    assert not torch.equal(u, draws[:, sampling.DRAW_STREAM])
+    assert abs(torch.corrcoef(torch.stack([u.flatten(), draws[:, 1].flatten()]))[0, 1].item()) < 0.03
+    again = sampling.uniforms(sampling.random_keys([7], [3], torch.device("cpu")), 64)
+    assert torch.equal(again[0], draws[7])
+    narrower = sampling.uniforms(sampling.random_keys([7], [3], torch.device("cpu")), 16)
+    assert torch.equal(narrower[0], draws[7, :, :16])  # a row's draws do not depend on the batch's width
+    next_step = sampling.uniforms(sampling.random_keys([7], [4], torch.device("cpu")), 64)
+    assert not torch.equal(next_step[0], draws[7])
     pairs = list(itertools.combinations(range(5), 2))
     assert all(not torch.equal(u[a], u[b]) for a, b in pairs)
