@@ -75,7 +75,6 @@ def test_abort_frees_the_slot_at_once_and_leaves_the_others_unchanged(model):
     prompts = [prompt_of(6, seed) for seed in range(3)]
     engine = Engine(model, max_rows=2)
     first, second, third = (engine.add_request(p, RequestParams(max_new_tokens=24, n_token=4)) for p in prompts)
-    streamed: list[int] = []
     for _ in range(3):
         engine.step()
     assert engine.running == 2 and engine.waiting == 1
@@ -90,7 +89,8 @@ def test_abort_frees_the_slot_at_once_and_leaves_the_others_unchanged(model):
     assert finished[second].tokens == reference(model, prompts[1], 24)
     assert finished[third].tokens == reference(model, prompts[2], 24)
     engine.abort(third)  # finished or unknown ids are ignored
-    assert streamed == []
+    engine.abort(12345)
+    assert not engine.has_unfinished() and engine.step() == []
 
 
 def test_cancel_from_the_token_callback(model):
