@@ -341,7 +341,7 @@ def measure_local(args) -> list[LoadResult]:
                 reference = alone_texts(targets[0][1], "unused", "bench", args, requests)
             for result in measure(targets, "unused", "bench", name, args, requests):
                 if reference is not None:
-                    result.mismatches = sum(text != reference[i] for i, text in result.texts.items())
+                    result.mismatches = sum(text != reference.get(i) for i, text in result.texts.items())
                 results.append(result)
             for number in range(len(args.deployments)):
                 serve.delete(f"bench{number}")
@@ -395,7 +395,7 @@ def measure_in_process(args) -> list[LoadResult]:
                 reference = alone_texts(decoders[0][1], "", name, args, requests)
             for result in measure(decoders, "", name, name, args, requests):
                 if reference is not None:
-                    result.mismatches = sum(text != reference[i] for i, text in result.texts.items())
+                    result.mismatches = sum(text != reference.get(i) for i, text in result.texts.items())
                 results.append(result)
             for _, decoder, _ in decoders:
                 decoder.__del__()
