@@ -5,17 +5,23 @@
    may flip an argmax in low precision, which changes the rest of that row).
 2. Decoding speed on a larger random Llama in bf16: forward cost of a 16- and 64-token block
    relative to a 1-token step, and Jacobi/AR wall-clock ratios at batch 1 and 8.
+3. The engine on a 7B-shaped random Llama in bf16 (benchmarks/engine_step.py): time per
+   iteration over a bare forward of the same shape, and throughput at batch 1, 8 and 32, greedy
+   and at temperature 0.7.
 
-    python benchmarks/gpu_check.py
+    python benchmarks/gpu_check.py            # all three
+    python benchmarks/gpu_check.py engine     # only the engine check
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
+import engine_step  # benchmarks/engine_step.py (this script's directory is on sys.path)
 import torch
 
-from cllm import ar_generate, jacobi_generate, tiny_model
+from cllm import SamplingParams, ar_generate, jacobi_generate, tiny_model
 from cllm.cache import cache_kwargs, new_cache
 from cllm.hf import TINY_ARCHITECTURES
 
@@ -94,11 +100,34 @@ def check_speed(device: torch.device) -> None:
         print(f"batch {batch}: Jacobi TPF {tpf:.2f}, Jacobi/AR wall-clock speedup {ar_time / jacobi_time:.2f}x")
 
 
+def check_engine(device: torch.device) -> None:
+    """The engine's own cost on a 7B shape: built on the device in bf16 (no CPU init)."""
+    with device:
+        model = tiny_model(
+            "llama", vocab_size=32000, seed=0, dtype=torch.bfloat16, hidden_size=4096, intermediate_size=11008,
+            num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+            initializer_range=0.02,
+        )
+    for temperature in (0.0, 0.7):
+        sampling = SamplingParams(temperature=temperature)
+        figures = [
+            engine_step.measure(model, batch, n_token=16, prompt_tokens=256, steps=20, sampling=sampling)
+            for batch in (1, 8, 32)
+        ]
+        engine_step.report(figures, f"engine, random 7B-shaped Llama, bf16, n = 16, temperature {temperature}")
+    del model
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("no CUDA device")
     device = torch.device("cuda")
+    if sys.argv[1:] == ["engine"]:
+        check_engine(device)
+        return
     check_equality(device)
+    check_engine(device)
     check_speed(device)
 
 

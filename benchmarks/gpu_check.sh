@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU check for the device machine (PyTorch + transformers + pytest there, no Ray):
-# the decoder's unit tests on CUDA, then equality and speed figures from gpu_check.py.
+# equality, engine and speed figures from gpu_check.py (the engine's on a 7B-shaped Llama), then
+# the Jacobi-vs-AR benchmark.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PWD}" PYTHONUNBUFFERED=1

@@ -1,19 +1,26 @@
 """CLLM: Jacobi decoding and consistency training for Hugging Face causal LMs (no Ray here)."""
 
+from cllm.engine import Engine, FinishedRequest
 from cllm.hf import load_model, load_tokenizer, tiny_model
 from cllm.jacobi import (
     GenerationStats,
     JacobiOutput,
-    RowStats,
     ar_generate,
     jacobi_generate,
     pad_prompts,
 )
+from cllm.row import RequestParams, RowStats
+from cllm.sampling import SamplingParams, TokenLogprob
 
 __all__ = [
+    "Engine",
+    "FinishedRequest",
     "GenerationStats",
     "JacobiOutput",
+    "RequestParams",
     "RowStats",
+    "SamplingParams",
+    "TokenLogprob",
     "ar_generate",
     "jacobi_generate",
     "load_model",

@@ -217,7 +217,8 @@ def tiny_model(
             max_position_embeddings=512,
         )
     # A wider init than the default 0.02 gives peaked logits, so argmax ties are rare.
-    settings.update(vocab_size=vocab_size, initializer_range=0.2, bos_token_id=None, eos_token_id=None, **overrides)
+    settings.update(vocab_size=vocab_size, initializer_range=0.2, bos_token_id=None, eos_token_id=None)
+    settings.update(overrides)
     config = AutoConfig.for_model(arch, **settings)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

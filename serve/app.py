@@ -1,5 +1,5 @@
-"""The CLLM Ray Serve application: an OpenAI-compatible FastAPI ingress over an autoscaled,
-dynamically batched Jacobi decoder.
+"""The CLLM Ray Serve application: an OpenAI-compatible FastAPI ingress over an autoscaled Jacobi
+decoder that batches continuously (one engine loop per replica).
 
     serve run serve.app:build_app model=<dir|hub id|toy> num_gpus=0      # builder arguments
     serve run serve/config.yaml                                           # the same, from YAML
@@ -21,6 +21,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from cllm_pipelines.common import Request, require_resources
+from cllm_serve.batching import Scheduler
 from cllm_serve.decoder import Decoder, DecoderSettings, Mode
 from cllm_serve.ingress import IngressSettings, OpenAIIngress
 
@@ -37,11 +38,19 @@ class BuilderArgs(BaseModel):
         default=None, description="the `model` clients send; default: model"
     )
     mode: Mode = "jacobi"
+    scheduler: Scheduler = Field(
+        default="continuous", description="continuous: join between iterations; dynamic: the old whole batches"
+    )
     n_token: int = Field(default=16, ge=1)
     max_n_token: int = Field(default=64, ge=1)
     default_max_tokens: int = Field(default=256, ge=1)
-    max_batch_size: int = Field(default=8, ge=1, description="1 turns batching off")
-    batch_wait_ms: float = Field(default=5.0, ge=0)
+    default_temperature: float = Field(default=0.0, ge=0, le=2, description="for requests that give none")
+    max_batch_size: int = Field(default=8, ge=1, description="rows decoded together; 1 turns batching off")
+    batch_wait_ms: float = Field(default=5.0, ge=0, description="scheduler=dynamic: wait for company")
+    max_prefill_tokens: int = Field(default=8192, ge=1, description="prompt tokens admitted per engine step")
+    graceful_shutdown_timeout_s: float = Field(
+        default=120, ge=0, description="how long a stopping decoder replica drains its streams"
+    )
     num_gpus: float | None = Field(
         default=None, ge=0, description="per decoder replica; default: 1 if CUDA is visible"
     )
@@ -84,11 +93,14 @@ def build_app(args: BuilderArgs) -> serve.Application:
     decoder_settings = DecoderSettings(
         model=args.model,
         mode=args.mode,
+        scheduler=args.scheduler,
         n_token=args.n_token,
         max_n_token=args.max_n_token,
         default_max_tokens=args.default_max_tokens,
+        default_temperature=args.default_temperature,
         max_batch_size=args.max_batch_size,
         batch_wait_ms=args.batch_wait_ms,
+        max_prefill_tokens=args.max_prefill_tokens,
     )
     num_gpus = args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available())
     if args.min_replicas > 0:
@@ -104,6 +116,7 @@ def build_app(args: BuilderArgs) -> serve.Application:
         },
         max_ongoing_requests=args.max_ongoing_requests,
         max_queued_requests=args.max_queued_requests,
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
     ).bind(decoder_settings)
     ingress_settings = IngressSettings(
         served_model_name=args.served_model_name or args.model, max_body_bytes=args.max_body_bytes

@@ -1,17 +1,20 @@
-"""Per-replica dynamic batching for the decoder deployment, and the events it streams.
+"""Per-replica engine loop of the decoder deployment, and the events it streams to the ingress.
 
-Requests that arrive on a replica while it is idle wait a few milliseconds (or until the batch is
-full) and are then decoded together by one `cllm.jacobi_generate` (or `cllm.ar_generate`) call in
-a worker thread. Requests that arrive while a batch runs form the next batch. Rows of one call
-share the block size, so pending requests are grouped by `n_token`.
+Each decoder replica owns one `cllm.Engine` and one `EngineLoop`: a thread that calls
+`engine.step()` for as long as there is work, and between steps adds newly submitted requests
+and aborts cancelled ones. Two admission policies share that loop:
 
-The decoding call reports each row's verified tokens through its `on_tokens` callback, on the
-worker thread. `TokenStream` turns them into text deltas (holding back text that may still become
-a stop sequence), and hands them to the replica's event loop. A stream whose client went away, that
+- `continuous` (the default): a request joins the running rows at the next iteration, and a row
+  that finishes or is aborted frees its slot at once, so a short request that arrives during a
+  long one finishes first;
+- `dynamic` (the baseline it replaces): an idle replica waits `batch_wait_ms` for company (or
+  until `max_batch_size` requests wait), admits that batch, and admits nothing more until the
+  whole batch is done.
+
+The engine reports each row's verified tokens through its `on_tokens` callback, on the loop
+thread. `TokenStream` turns them into text deltas (holding back text that may still become a
+stop sequence) and hands them to the replica's event loop. A stream whose client went away, that
 hit a stop sequence, or that reached its own `max_tokens` answers False, which ends that row only.
-
-Batching never changes the text: `jacobi_generate` equals greedy AR row by row, whatever else is
-in the batch.
 """
 
 from __future__ import annotations
@@ -20,10 +23,15 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
+
+from cllm import Engine, FinishedRequest, RequestParams, TokenLogprob
 
 logger = logging.getLogger("ray.serve")
+
+Scheduler = Literal["continuous", "dynamic"]
 
 
 # -- events from the decoder deployment to the ingress ----------------------------------------
@@ -34,6 +42,7 @@ class Accepted:
     """The request passed the decoder's checks and is queued for decoding."""
 
     prompt_tokens: int
+    choices: int = 1
 
 
 @dataclass(frozen=True)
@@ -46,8 +55,19 @@ class Rejected:
 
 
 @dataclass(frozen=True)
+class LogprobEntry:
+    """One generated token's log-probability, with the token as text, and its alternatives."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+
+
+@dataclass(frozen=True)
 class TextDelta:
     text: str
+    index: int = 0  # the choice (n > 1)
+    logprobs: tuple[LogprobEntry, ...] = ()  # for the tokens behind this delta, when asked for
 
 
 @dataclass(frozen=True)
@@ -55,16 +75,31 @@ class Finished:
     finish_reason: str  # "stop" (EOS or a stop sequence) or "length"
     completion_tokens: int
     forwards: int
+    index: int = 0
 
 
 @dataclass(frozen=True)
 class Failed:
-    """Decoding raised; the message is safe to show to the client."""
+    """Decoding this request raised; the message is safe to show to the client."""
 
     message: str
+    index: int = 0
 
 
 Event = Accepted | Rejected | TextDelta | Finished | Failed
+
+
+def coalesce(events: list[Event]) -> list[Event]:
+    """Merge each run of adjacent text deltas of one choice into one delta: under load the engine
+    verifies tokens faster than they can cross to the ingress one by one."""
+    merged: list[Event] = []
+    for event in events:
+        last = merged[-1] if merged else None
+        if isinstance(event, TextDelta) and isinstance(last, TextDelta) and last.index == event.index:
+            merged[-1] = TextDelta(last.text + event.text, event.index, last.logprobs + event.logprobs)
+        else:
+            merged.append(event)
+    return merged
 
 
 # -- text assembly --------------------------------------------------------------------------------
@@ -113,31 +148,36 @@ class StopTextAssembler:
 
 
 class TokenStream:
-    """One request's output while its batch runs: fed on the decoding thread, read on the loop."""
+    """One choice's output while it decodes: fed on the engine thread, read on the event loop
+    through `events` (a queue that all choices of one request share)."""
 
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
+        events: asyncio.Queue[Event],
         text: StopTextAssembler,
         max_tokens: int,
         eos_token_ids: frozenset[int],
+        token_text: Callable[[int], str] = str,
+        index: int = 0,
     ):
         self._loop = loop
+        self._events = events
         self._text = text
         self._max_tokens = max_tokens
         self._eos = eos_token_ids
-        self._events: asyncio.Queue[Event] = asyncio.Queue()
-        self._lock = threading.Lock()  # `cancel` (loop thread) races `on_tokens` (worker thread)
+        self._token_text = token_text
+        self.index = index
+        self._lock = threading.Lock()  # `cancel` (loop thread) races `on_tokens` (engine thread)
         self.ids: list[int] = []
         self.finish_reason: str | None = None
         self.cancelled = False
 
-    def on_tokens(self, new_ids: list[int]) -> bool:
-        """The decoder's per-row callback. False ends the row: cancelled, stopped or full."""
+    def on_tokens(self, new_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> bool:
+        """The engine's per-row callback. False ends the row: cancelled, stopped or full."""
         with self._lock:
             if self.cancelled or self.finish_reason is not None:
                 return False
-            # The batch runs to the largest max_tokens of its rows; this row may want fewer.
             new_ids = new_ids[: self._max_tokens - len(self.ids)]
             eos_at = next((i for i, token in enumerate(new_ids) if token in self._eos), None)
             if eos_at is not None:
@@ -150,128 +190,203 @@ class TokenStream:
                 self.finish_reason = "length"
             if self.finish_reason is not None:
                 delta += self._text.flush()
-            if delta:
-                self._push(TextDelta(delta))
+            entries = tuple(self._entry(entry) for entry in (logprobs or [])[: len(new_ids)])
+            if delta or entries:
+                self._push(TextDelta(delta, self.index, entries))
             return self.finish_reason is None
 
+    def _entry(self, logprob: TokenLogprob) -> LogprobEntry:
+        top = tuple((self._token_text(token), value) for token, value in logprob.top)
+        return LogprobEntry(self._token_text(logprob.token), logprob.logprob, top)
+
     def finish(self, forwards: int) -> None:
-        """Called once the batch's decoding call returned (the row's forward count is final)."""
+        """Called once the engine is done with the row (the forward count is final)."""
         with self._lock:
             if self.finish_reason is None:  # cancelled rows end here too; nobody reads them
                 self.finish_reason = "length"
                 delta = self._text.flush()
                 if delta:
-                    self._push(TextDelta(delta))
-            self._push(Finished(self.finish_reason, len(self.ids), forwards))
+                    self._push(TextDelta(delta, self.index))
+            self._push(Finished(self.finish_reason, len(self.ids), forwards, self.index))
 
     def fail(self, message: str) -> None:
-        self._push(Failed(message))
+        self._push(Failed(message, self.index))
 
     def cancel(self) -> None:
-        """The client is gone: the row stops at its next verified tokens."""
+        """The client is gone: the row stops at its next verified tokens (or is aborted)."""
         with self._lock:
             self.cancelled = True
 
-    async def events(self) -> AsyncIterator[Event]:
-        while True:
-            event = await self._events.get()
-            yield event
-            if isinstance(event, (Finished, Failed)):
-                return
-
     def _push(self, event: Event) -> None:
-        self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        try:
+            self._loop.call_soon_threadsafe(self._events.put_nowait, event)
+        except RuntimeError:  # the reader's event loop is gone: nobody is left to tell
+            self.cancelled = True
 
 
-# -- the batcher ----------------------------------------------------------------------------------
+# -- the engine loop ------------------------------------------------------------------------------
 
 
-@dataclass
-class PendingRequest:
+@dataclass(eq=False)
+class EngineJob:
+    """One choice of one request, as the engine loop sees it."""
+
     prompt_ids: list[int]
-    max_tokens: int
-    n_token: int
-    seed: int | None
+    params: RequestParams
     stream: TokenStream
     enqueued_at: float = field(default_factory=time.monotonic)
+    request_id: int | None = None  # the engine's id, once added
 
 
-DecodeBatch = Callable[[list[PendingRequest]], list[int]]
-"""Decodes one batch on a worker thread, feeding each request's stream through `on_tokens`, and
-returns the forward passes each row took."""
+@dataclass(frozen=True)
+class LoopStats:
+    queued: int  # submitted, not decoding yet
+    running_rows: int
+    generated_tokens: int
+    batches: int  # groups of requests that joined together (one prefill each)
+    batched_rows: int  # requests that joined so far
+    peak_rows: int  # the most rows that shared a forward
+    forwards: int  # model forwards (prefills and iterations) so far
 
 
-class DynamicBatcher:
-    """Collects pending requests and runs them through `decode_batch`, one batch at a time.
+class EngineLoop:
+    """Drives `engine` on a thread of its own; `submit` and `abort` may be called from any thread."""
 
-    One batch at a time is deliberate: a replica holds one model, and two concurrent decoding
-    calls would only contend for the same device while each got smaller batches."""
-
-    def __init__(self, decode_batch: DecodeBatch, max_batch_size: int, max_wait_s: float):
-        if max_batch_size < 1:
-            raise ValueError("max_batch_size must be >= 1")
-        self._decode_batch = decode_batch
+    def __init__(
+        self,
+        engine_factory: Callable[[], Engine],
+        scheduler: Scheduler = "continuous",
+        max_batch_size: int = 8,
+        batch_wait_s: float = 0.005,
+        on_finished: Callable[[FinishedRequest], None] | None = None,
+    ):
+        if scheduler not in ("continuous", "dynamic"):
+            raise ValueError(f"scheduler must be 'continuous' or 'dynamic', got {scheduler!r}")
+        self._engine_factory = engine_factory
+        self._engine = engine_factory()
+        self._scheduler = scheduler
         self._max_batch_size = max_batch_size
-        self._max_wait_s = max_wait_s
-        self._pending: list[PendingRequest] = []
-        self._arrived = asyncio.Event()
-        self._worker: asyncio.Task | None = None
-        self.running_rows = 0
+        self._batch_wait_s = batch_wait_s
+        self._on_finished = on_finished
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._pending: list[EngineJob] = []  # submitted, not handed to the engine yet
+        self._aborts: list[EngineJob] = []
+        self._jobs: dict[int, EngineJob] = {}  # engine id -> job
+        self._stopping = False
+        self._generated_tokens = self._batches = self._batched_rows = self._peak_rows = self._forwards = 0
+        self._thread = threading.Thread(target=self._run, name="cllm-engine-loop", daemon=True)
+        self._thread.start()
 
-    def submit(self, request: PendingRequest) -> None:
-        self._pending.append(request)
-        self._arrived.set()
-        if self._worker is None or self._worker.done():
-            self._worker = asyncio.get_running_loop().create_task(self._run())
+    # -- any thread ------------------------------------------------------------------------------
 
-    def withdraw(self, request: PendingRequest) -> None:
-        """Drop a request that has not started decoding (its client left while it waited)."""
-        if request in self._pending:
-            self._pending.remove(request)
+    def submit(self, job: EngineJob) -> None:
+        with self._lock:
+            self._pending.append(job)
+        self._wake.set()
+
+    def abort(self, job: EngineJob) -> None:
+        """Withdraw a waiting job, or stop a running one: its slot frees before the next step."""
+        with self._lock:
+            if job in self._pending:
+                self._pending.remove(job)
+            else:
+                self._aborts.append(job)
+        self._wake.set()
+
+    def stats(self) -> LoopStats:
+        with self._lock:
+            queued = len(self._pending) + self._engine.waiting
+            return LoopStats(
+                queued, self._engine.running, self._generated_tokens, self._batches, self._batched_rows,
+                self._peak_rows, self._forwards,
+            )
 
     @property
-    def queued(self) -> int:
-        return len(self._pending)
+    def alive(self) -> bool:
+        return self._thread.is_alive()
 
-    async def _run(self) -> None:
-        while True:
-            if not self._pending:
-                self._arrived.clear()
-                await self._arrived.wait()
-            await self._wait_for_company()
-            batch = self._take_batch()
-            if not batch:
-                continue
-            self.running_rows = len(batch)
-            try:
-                forwards = await asyncio.to_thread(self._decode_batch, batch)
-            except Exception:  # fail this batch's requests, keep serving the next ones
-                logger.exception("decoding a batch of %d failed", len(batch))
-                for request in batch:
-                    request.stream.fail("internal error while decoding")
+    def shutdown(self, timeout_s: float = 10) -> None:
+        self._stopping = True
+        self._wake.set()
+        self._thread.join(timeout_s)
+
+    # -- the loop thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            self._wake.clear()
+            with self._lock:
+                aborts, self._aborts = self._aborts, []
+                for job in aborts:
+                    if job.request_id is not None:
+                        self._engine.abort(job.request_id)
+                admitted = self._admit()
+            if admitted:
+                self._batches += 1
+                self._batched_rows += admitted
+            if self._engine.has_unfinished():
+                self._step()
             else:
-                for request, row_forwards in zip(batch, forwards):
-                    request.stream.finish(row_forwards)
-            finally:
-                self.running_rows = 0
+                self._wake.wait(self._idle_wait())
 
-    async def _wait_for_company(self) -> None:
-        """Give concurrent requests a moment to join, unless the oldest already waited."""
-        deadline = self._pending[0].enqueued_at + self._max_wait_s if self._pending else 0
-        while len(self._pending) < self._max_batch_size and time.monotonic() < deadline:
-            self._arrived.clear()
-            try:
-                await asyncio.wait_for(self._arrived.wait(), deadline - time.monotonic())
-            except TimeoutError:
-                break
-
-    def _take_batch(self) -> list[PendingRequest]:
-        """The oldest request and the next ones with the same block size, up to the batch size."""
+    def _admit(self) -> int:
+        """Hand pending jobs to the engine, as the scheduler allows (under the lock)."""
         if not self._pending:
-            return []
-        n_token = self._pending[0].n_token
-        batch = [request for request in self._pending if request.n_token == n_token]
-        batch = batch[: self._max_batch_size]
-        for request in batch:
-            self._pending.remove(request)
-        return batch
+            return 0
+        if self._scheduler == "dynamic":
+            if self._engine.has_unfinished():
+                return 0  # the running batch finishes first
+            waited = time.monotonic() - self._pending[0].enqueued_at
+            if len(self._pending) < self._max_batch_size and waited < self._batch_wait_s:
+                return 0  # give concurrent requests a moment to join
+        batch, self._pending = self._pending[: self._max_batch_size], self._pending[self._max_batch_size :]
+        if self._scheduler == "continuous":
+            room = self._max_batch_size - self._engine.running - self._engine.waiting
+            batch, self._pending = batch[: max(room, 0)], batch[max(room, 0) :] + self._pending
+        for job in batch:
+            try:
+                job.request_id = self._engine.add_request(job.prompt_ids, job.params, job.stream.on_tokens)
+            except ValueError as error:  # the decoder's checks should have caught it
+                job.stream.fail(str(error))
+                continue
+            self._jobs[job.request_id] = job
+        return len(batch)
+
+    def _idle_wait(self) -> float | None:
+        with self._lock:
+            if self._scheduler == "dynamic" and self._pending:
+                return max(0.0, self._pending[0].enqueued_at + self._batch_wait_s - time.monotonic())
+            return 0.0 if self._pending else None
+
+    def _step(self) -> None:
+        forwards = self._engine.forwards
+        try:
+            finished = self._engine.step()
+            self._forwards += self._engine.forwards - forwards
+            self._peak_rows = max(self._peak_rows, self._engine.running + len(finished))
+        except Exception:  # a bug or a broken device: fail what runs, start over, keep serving
+            logger.exception("the decoding engine failed; failing its %d requests", len(self._jobs))
+            for job in self._jobs.values():
+                job.stream.fail("internal error while decoding")
+            self._jobs.clear()
+            self._engine = self._engine_factory()
+            return
+        for request in finished:
+            job = self._jobs.pop(request.request_id)
+            self._generated_tokens += len(job.stream.ids)
+            if request.finish_reason == "error":
+                job.stream.fail(_failure_message(request.error))
+            else:
+                job.stream.finish(request.stats.forwards)
+            if self._on_finished is not None:
+                try:
+                    self._on_finished(request)
+                except Exception:  # metrics must never stop the loop
+                    logger.exception("recording a finished request failed")
+
+
+def _failure_message(error: BaseException | None) -> str:
+    if error is not None and "out of memory" in str(error).lower() or type(error).__name__ == "OutOfMemoryError":
+        return "the server ran out of memory decoding this request; try a shorter prompt or max_tokens"
+    return "internal error while decoding"

@@ -1,12 +1,14 @@
-"""The model-holding Serve deployment: prompts in, streamed text out, decoded in dynamic batches.
+"""The model-holding Serve deployment: prompts in, streamed text out, on one engine per replica.
 
 Each replica loads the model once (`cllm.load_model`: a local directory, a hub id or `toy`) and
-decodes with `cllm.jacobi_generate`, or `cllm.ar_generate` in `ar` mode, the greedy baseline.
-Tokenisation, the chat template, the context-length check and stop sequences live here, next to
-the tokenizer; the ingress deals only with HTTP.
+runs one long-lived `cllm.Engine` loop (`cllm_serve.batching.EngineLoop`): requests join the
+running rows between Jacobi iterations (`scheduler=continuous`) or in whole batches
+(`scheduler=dynamic`, the old baseline). `mode=ar` decodes every request with one-token blocks,
+the AR baseline. Tokenisation, the chat template, the context-length check, sampling parameters
+and stop sequences live here, next to the tokenizer; the ingress deals only with HTTP.
 
 Chat prompts use the tokenizer's chat template, or `cllm.hf.render_chat`'s plain fallback for a
-tokenizer without one.
+tokenizer without one. A request with `n` choices runs as `n` rows (seeds seed, seed + 1, ...).
 """
 
 from __future__ import annotations
@@ -17,21 +19,24 @@ from contextlib import aclosing
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
 from pydantic import BaseModel, Field
 from ray import serve
 
-from cllm import ar_generate, jacobi_generate, load_model, pad_prompts
+from cllm import Engine, FinishedRequest, RequestParams, SamplingParams, load_model
 from cllm.hf import context_length, encode_chat, eos_ids, pad_id
 from cllm_serve.batching import (
     Accepted,
-    DynamicBatcher,
+    EngineJob,
+    EngineLoop,
     Event,
-    PendingRequest,
+    Failed,
+    Finished,
     Rejected,
+    Scheduler,
     StopTextAssembler,
     TextDelta,
     TokenStream,
+    coalesce,
 )
 from cllm_serve.metrics import DecoderMetrics
 
@@ -43,11 +48,14 @@ class DecoderSettings(BaseModel):
 
     model: str = "toy"
     mode: Mode = "jacobi"
+    scheduler: Scheduler = "continuous"
     n_token: int = Field(default=16, ge=1, description="default Jacobi block size")
     max_n_token: int = Field(default=64, ge=1, description="largest block size a request may ask for")
     default_max_tokens: int = Field(default=256, ge=1)
-    max_batch_size: int = Field(default=8, ge=1)
-    batch_wait_ms: float = Field(default=5.0, ge=0)
+    default_temperature: float = Field(default=0.0, ge=0, le=2, description="when a request gives none")
+    max_batch_size: int = Field(default=8, ge=1, description="rows decoded together")
+    batch_wait_ms: float = Field(default=5.0, ge=0, description="scheduler=dynamic: wait for company")
+    max_prefill_tokens: int = Field(default=8192, ge=1, description="prompt tokens admitted per step")
 
 
 @dataclass(frozen=True)
@@ -60,6 +68,11 @@ class DecodeRequest:
     stop: tuple[str, ...] = ()
     n_token: int | None = None
     seed: int | None = None
+    temperature: float | None = None
+    top_p: float = 1.0
+    top_k: int = 0
+    n: int = 1
+    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
 
 
 @dataclass(frozen=True)
@@ -76,8 +89,10 @@ class Load:
     queued: int
     running_rows: int
     generated_tokens: int
-    batches: int  # decoding calls made so far
-    batched_rows: int  # requests decoded so far; batched_rows / batches is the mean batch size
+    batches: int  # groups of requests that joined the engine together
+    batched_rows: int  # rows (choices) that joined so far; batched_rows / batches: mean group size
+    peak_rows: int  # the most rows that ever shared a forward
+    forwards: int  # model forwards so far; the rows' forwards (usage) / this = rows per forward
 
 
 @serve.deployment(name="Decoder")
@@ -88,71 +103,104 @@ class Decoder:
         self._context_length = context_length(self._model.config, self._tokenizer)
         self._eos = eos_ids(self._tokenizer, self._model.generation_config)
         self._pad_id = pad_id(self._tokenizer)
-        self._batcher = DynamicBatcher(
-            self._decode_batch, settings.max_batch_size, settings.batch_wait_ms / 1000
-        )
         self._metrics = DecoderMetrics(settings.mode)
-        self._generated_tokens = 0
-        self._batches = 0
-        self._batched_rows = 0
+        self._loop = EngineLoop(
+            self._new_engine,
+            scheduler=settings.scheduler,
+            max_batch_size=settings.max_batch_size,
+            batch_wait_s=settings.batch_wait_ms / 1000,
+            on_finished=self._record,
+        )
+
+    def _new_engine(self) -> Engine:
+        return Engine(
+            self._model,
+            max_rows=self._settings.max_batch_size,
+            max_prefill_tokens=self._settings.max_prefill_tokens,
+            pad_token_id=self._pad_id,
+            seed=None,
+        )
 
     async def generate(self, request: DecodeRequest) -> AsyncIterator[Event]:
-        """Streams `Accepted` (or `Rejected`), then `TextDelta`s, then `Finished` or `Failed`.
-        Call it through a handle with `.options(stream=True)`."""
+        """Streams `Accepted` (or `Rejected`), then `TextDelta`s, then `Finished` or `Failed` for
+        every choice. Call it through a handle with `.options(stream=True)`."""
         # aclosing: if Serve cancels this generator, the inner one's cleanup runs right away.
         async with aclosing(self._events(request)) as events:
             async for event in events:
                 yield event
 
     async def complete(self, request: DecodeRequest) -> list[Event]:
-        """The same events with consecutive text deltas merged: for non-streaming requests, so
-        the text crosses to the ingress once rather than token by token."""
+        """The same events with each choice's consecutive text deltas merged: for non-streaming
+        requests, so the text crosses to the ingress once rather than token by token."""
         events: list[Event] = []
         async with aclosing(self._events(request)) as stream:
             async for event in stream:
-                if isinstance(event, TextDelta) and events and isinstance(events[-1], TextDelta):
-                    events[-1] = TextDelta(events[-1].text + event.text)
-                else:
-                    events.append(event)
-        return events
+                events.append(event)
+        # Each choice's deltas, together, before the events that end the choices.
+        deltas = [event for event in events if isinstance(event, TextDelta)]
+        ordered = sorted(deltas, key=lambda delta: delta.index)
+        others = [event for event in events if not isinstance(event, TextDelta)]
+        return others[:1] + coalesce(ordered) + others[1:]
 
     def load(self) -> Load:
+        stats = self._loop.stats()
         return Load(
-            self._batcher.queued,
-            self._batcher.running_rows,
-            self._generated_tokens,
-            self._batches,
-            self._batched_rows,
+            stats.queued, stats.running_rows, stats.generated_tokens, stats.batches, stats.batched_rows,
+            stats.peak_rows, stats.forwards,
         )
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising marks the replica unhealthy (it is replaced)."""
+        if not self._loop.alive:
+            raise RuntimeError("the decoding engine's loop has stopped")
+
+    def __del__(self):
+        # Serve calls this once the graceful shutdown has drained (or timed out on) the streams.
+        loop = getattr(self, "_loop", None)
+        if loop is not None:
+            loop.shutdown()
 
     async def _events(self, request: DecodeRequest) -> AsyncIterator[Event]:
         prepared = self._prepare(request)
         if isinstance(prepared, Rejected):
             yield prepared
             return
-        stream = TokenStream(
-            asyncio.get_running_loop(),
-            StopTextAssembler(self._decode_text, request.stop),
-            prepared.max_tokens,
-            self._eos,
-        )
-        pending = PendingRequest(
-            prompt_ids=prepared.prompt_ids,
-            max_tokens=prepared.max_tokens,
-            n_token=prepared.n_token,
-            seed=request.seed,
-            stream=stream,
-        )
-        yield Accepted(prompt_tokens=len(prepared.prompt_ids))
-        self._batcher.submit(pending)
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        jobs = [self._job(request, prepared, TokenStream(
+            loop, queue, StopTextAssembler(self._decode_text, request.stop), prepared.max_tokens, self._eos,
+            self._token_text, index,
+        )) for index in range(request.n)]
+        yield Accepted(prompt_tokens=len(prepared.prompt_ids), choices=request.n)
+        for job in jobs:
+            self._loop.submit(job)
+        open_choices = set(range(request.n))
         try:
-            async for event in stream.events():
-                yield event
+            while open_choices:
+                ready = [await queue.get()]
+                while not queue.empty():  # whatever else is ready goes out with it
+                    ready.append(queue.get_nowait())
+                for event in coalesce(ready):
+                    if isinstance(event, (Finished, Failed)):
+                        open_choices.discard(event.index)
+                    yield event
         finally:
-            # Normal end, or Serve cancelled us because the client left: either way the row
-            # must stop costing forwards, and a request still waiting must not start.
-            stream.cancel()
-            self._batcher.withdraw(pending)
+            # Normal end, or Serve cancelled us because the client left: rows still decoding
+            # must stop costing forwards and free their slots; waiting ones must not start.
+            for index in open_choices:
+                jobs[index].stream.cancel()
+                self._loop.abort(jobs[index])
+
+    def _job(self, request: DecodeRequest, prepared: PreparedRequest, stream: TokenStream) -> EngineJob:
+        seed = None if request.seed is None else request.seed + stream.index
+        temperature = request.temperature if request.temperature is not None else self._settings.default_temperature
+        params = RequestParams(
+            max_new_tokens=prepared.max_tokens,
+            n_token=prepared.n_token,
+            eos_token_ids=self._eos,
+            sampling=SamplingParams(temperature=temperature, top_p=request.top_p, top_k=request.top_k, seed=seed),
+            logprobs=request.logprobs,
+        )
+        return EngineJob(prepared.prompt_ids, params, stream)
 
     def _prepare(self, request: DecodeRequest) -> PreparedRequest | Rejected:
         n_token = 1 if self._settings.mode == "ar" else request.n_token or self._settings.n_token
@@ -204,35 +252,9 @@ class Decoder:
     def _decode_text(self, ids: list[int]) -> str:
         return self._tokenizer.decode(ids, skip_special_tokens=True)
 
-    def _decode_batch(self, batch: list[PendingRequest]) -> list[int]:
-        """Runs on the batcher's worker thread: one decoding call for the whole batch."""
-        input_ids, attention_mask = pad_prompts([request.prompt_ids for request in batch], self._pad_id)
+    def _token_text(self, token: int) -> str:
+        return self._tokenizer.decode([token])
 
-        def on_tokens(row: int, new_ids: list[int]) -> bool:
-            return batch[row].stream.on_tokens(new_ids)
-
-        common = dict(
-            max_new_tokens=max(request.max_tokens for request in batch),
-            eos_token_id=sorted(self._eos) or None,
-            pad_token_id=self._pad_id,
-            on_tokens=on_tokens,
-        )
-        if self._settings.mode == "ar":
-            output = ar_generate(self._model, input_ids, attention_mask, **common)
-        else:
-            # The seed only shapes the initial guesses (hence the speed), never the text.
-            generator = torch.Generator().manual_seed(batch[0].seed or 0)
-            output = jacobi_generate(
-                self._model,
-                input_ids,
-                attention_mask,
-                n_token=batch[0].n_token,
-                generator=generator,
-                **common,
-            )
-        rows = output.stats.rows
-        self._generated_tokens += sum(row.new_tokens for row in rows)
-        self._batches += 1
-        self._batched_rows += len(rows)
-        self._metrics.record_batch(rows)
-        return [row.forwards for row in rows]
+    def _record(self, request: FinishedRequest) -> None:
+        """Runs on the engine loop's thread for every finished row."""
+        self._metrics.record_request(request.stats, self._loop.stats().running_rows)

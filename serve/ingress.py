@@ -16,8 +16,8 @@ import json
 import logging
 import os
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
@@ -36,12 +36,15 @@ from cllm_serve.metrics import ingress_metrics
 from cllm_serve.openai_api import (
     ApiError,
     ChatCompletionRequest,
+    Choice,
     CompletionRequest,
     Usage,
     chat_body,
     chat_chunk,
+    chat_logprobs,
     completion_body,
     completion_chunk,
+    completion_logprobs,
     from_validation_error,
     model_card,
     models_body,
@@ -168,41 +171,55 @@ def sse(payload: dict[str, Any] | str) -> str:
     return f"data: {data}\n\n"
 
 
-def make_usage(prompt_tokens: int, finished: Finished) -> Usage:
+def make_usage(prompt_tokens: int, finished: Sequence[Finished]) -> Usage:
+    """Usage of a response: the prompt once, the completions of all its choices."""
+    completion_tokens = sum(event.completion_tokens for event in finished)
+    forwards = sum(event.forwards for event in finished)
     return Usage(
         prompt_tokens=prompt_tokens,
-        completion_tokens=finished.completion_tokens,
-        total_tokens=prompt_tokens + finished.completion_tokens,
-        forwards=finished.forwards,
-        tokens_per_forward=finished.completion_tokens / finished.forwards if finished.forwards else 0.0,
+        completion_tokens=completion_tokens,
+        total_tokens=prompt_tokens + completion_tokens,
+        forwards=forwards,
+        tokens_per_forward=completion_tokens / forwards if forwards else 0.0,
     )
 
 
-@dataclass(frozen=True)
+@dataclass
 class ChunkFormat:
-    """How one streamed response renders its chunks: completions or chat."""
+    """How one streamed response renders its chunks: completions or chat, with or without
+    log-probabilities (the completions API numbers each choice's characters as it goes)."""
 
     kind: Literal["completion", "chat"]
     response_id: str
     model: str
+    with_logprobs: bool = False
+    text_offsets: dict[int, int] = field(default_factory=dict)
 
-    def opening(self) -> list[dict[str, Any]]:
-        # Chat streams announce the role first, as OpenAI's do.
-        return (
-            [chat_chunk(self.response_id, self.model, {"role": "assistant", "content": ""})]
-            if self.kind == "chat"
-            else []
-        )
+    def opening(self, choices: int) -> list[dict[str, Any]]:
+        # Chat streams announce the role first, for every choice, as OpenAI's do.
+        if self.kind != "chat":
+            return []
+        return [
+            chat_chunk(self.response_id, self.model, {"role": "assistant", "content": ""}, index=index)
+            for index in range(choices)
+        ]
 
-    def delta(self, text: str) -> dict[str, Any]:
+    def delta(self, event: TextDelta) -> dict[str, Any]:
         if self.kind == "chat":
-            return chat_chunk(self.response_id, self.model, {"content": text})
-        return completion_chunk(self.response_id, self.model, text)
+            logprobs = chat_logprobs(event.logprobs) if self.with_logprobs else None
+            return chat_chunk(self.response_id, self.model, {"content": event.text}, index=event.index,
+                              logprobs=logprobs)
+        logprobs = None
+        if self.with_logprobs:
+            offset = self.text_offsets.get(event.index, 0)
+            logprobs = completion_logprobs(event.logprobs, offset)
+            self.text_offsets[event.index] = offset + sum(len(entry.token) for entry in event.logprobs)
+        return completion_chunk(self.response_id, self.model, event.text, index=event.index, logprobs=logprobs)
 
-    def closing(self, finish_reason: str) -> dict[str, Any]:
+    def closing(self, finished: Finished) -> dict[str, Any]:
         if self.kind == "chat":
-            return chat_chunk(self.response_id, self.model, {}, finish_reason)
-        return completion_chunk(self.response_id, self.model, "", finish_reason)
+            return chat_chunk(self.response_id, self.model, {}, finished.finish_reason, index=finished.index)
+        return completion_chunk(self.response_id, self.model, "", finished.finish_reason, index=finished.index)
 
     def usage(self, usage: Usage) -> dict[str, Any]:
         object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
@@ -253,12 +270,38 @@ def _accepted_or_raise(event: Event) -> Accepted:
     return event
 
 
-def _finished_or_raise(event: Event) -> Finished:
-    if isinstance(event, Failed):
-        raise ApiError(500, event.message, type="server_error")
-    if not isinstance(event, Finished):
+def _decoding_fields(parsed: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
+    """The sampling and Jacobi fields every generation request hands to the decoder."""
+    return {
+        "stop": parsed.stop_sequences,
+        "n_token": parsed.n_token,
+        "seed": parsed.seed,
+        "temperature": parsed.temperature,
+        "top_p": parsed.top_p if parsed.top_p is not None else 1.0,
+        "top_k": parsed.top_k_limit,
+        "n": parsed.n,
+    }
+
+
+def _choices_or_raise(events: Sequence[Event], choices: int) -> tuple[list[Choice], list[Finished]]:
+    """The finished choices of a non-streamed response, in index order; any failed choice fails
+    the response (500)."""
+    failed = [event for event in events if isinstance(event, Failed)]
+    if failed:
+        raise ApiError(500, failed[0].message, type="server_error")
+    finished = sorted((event for event in events if isinstance(event, Finished)), key=lambda event: event.index)
+    if [event.index for event in finished] != list(range(choices)):
         raise ApiError(500, "unexpected reply from the decoder", type="server_error")
-    return event
+    texts: dict[int, list[str]] = {index: [] for index in range(choices)}
+    logprobs: dict[int, list] = {index: [] for index in range(choices)}
+    for event in events:
+        if isinstance(event, TextDelta):
+            texts[event.index].append(event.text)
+            logprobs[event.index].extend(event.logprobs)
+    return [
+        Choice(event.index, "".join(texts[event.index]), event.finish_reason, logprobs[event.index])
+        for event in finished
+    ], finished
 
 
 # Serve serialises the deployment class when it is decorated: everything its methods use must
@@ -298,13 +341,11 @@ class OpenAIIngress:
         decode_request = DecodeRequest(
             prompt=parsed.prompt,
             max_tokens=parsed.max_tokens,
-            stop=parsed.stop_sequences,
-            n_token=parsed.n_token,
-            seed=parsed.seed,
+            logprobs=parsed.logprobs,
+            **_decoding_fields(parsed),
         )
-        return await self._respond(
-            request, parsed, decode_request, ChunkFormat("completion", new_id("cmpl"), parsed.model)
-        )
+        chunks = ChunkFormat("completion", new_id("cmpl"), parsed.model, with_logprobs=parsed.logprobs is not None)
+        return await self._respond(request, parsed, decode_request, chunks)
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request) -> Response:
@@ -316,13 +357,11 @@ class OpenAIIngress:
         decode_request = DecodeRequest(
             messages=tuple((message.role, message.text) for message in parsed.messages),
             max_tokens=parsed.token_limit,
-            stop=parsed.stop_sequences,
-            n_token=parsed.n_token,
-            seed=parsed.seed,
+            logprobs=parsed.logprob_alternatives,
+            **_decoding_fields(parsed),
         )
-        return await self._respond(
-            request, parsed, decode_request, ChunkFormat("chat", new_id("chatcmpl"), parsed.model)
-        )
+        chunks = ChunkFormat("chat", new_id("chatcmpl"), parsed.model, with_logprobs=bool(parsed.logprobs))
+        return await self._respond(request, parsed, decode_request, chunks)
 
     # -- helpers --------------------------------------------------------------------------------
 
@@ -361,16 +400,13 @@ class OpenAIIngress:
 
         events = await _over_capacity_as_503(self._decoder.complete.remote(decode_request))
         accepted = _accepted_or_raise(events[0])
-        text = "".join(event.text for event in events if isinstance(event, TextDelta))
-        finished = _finished_or_raise(events[-1])
-        outcome.usage, outcome.finish_reason = (
-            make_usage(accepted.prompt_tokens, finished),
-            finished.finish_reason,
-        )
+        choices, finished = _choices_or_raise(events[1:], accepted.choices)
+        if not chunks.with_logprobs:
+            choices = [replace(choice, logprobs=None) for choice in choices]
+        outcome.usage = make_usage(accepted.prompt_tokens, finished)
+        outcome.finish_reason = ",".join(choice.finish_reason for choice in choices)
         render = chat_body if chunks.kind == "chat" else completion_body
-        return JSONResponse(
-            render(chunks.response_id, chunks.model, text, finished.finish_reason, outcome.usage)
-        )
+        return JSONResponse(render(chunks.response_id, chunks.model, choices, outcome.usage))
 
     async def _sse(
         self,
@@ -381,19 +417,22 @@ class OpenAIIngress:
         include_usage: bool,
     ) -> AsyncIterator[str]:
         finished_normally = False
+        finished: list[Finished] = []
         try:
-            for chunk in chunks.opening():
+            for chunk in chunks.opening(accepted.choices):
                 yield sse(chunk)
             try:
                 async for event in events:
                     if isinstance(event, TextDelta):
-                        yield sse(chunks.delta(event.text))
+                        yield sse(chunks.delta(event))
                     elif isinstance(event, Finished):
-                        outcome.usage = make_usage(accepted.prompt_tokens, event)
-                        outcome.finish_reason = event.finish_reason
-                        yield sse(chunks.closing(event.finish_reason))
-                        if include_usage:
-                            yield sse(chunks.usage(outcome.usage))
+                        finished.append(event)
+                        yield sse(chunks.closing(event))
+                        if len(finished) == accepted.choices:
+                            outcome.usage = make_usage(accepted.prompt_tokens, finished)
+                            outcome.finish_reason = ",".join(done.finish_reason for done in finished)
+                            if include_usage:
+                                yield sse(chunks.usage(outcome.usage))
                     elif isinstance(event, Failed):
                         # The 200 header is gone already: report the error in-band, as OpenAI does.
                         yield sse(ApiError(500, event.message, type="server_error").body())

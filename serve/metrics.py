@@ -7,7 +7,6 @@ Create these objects inside replicas only: a metric belongs to the process that 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from functools import cache
 
 from ray.util.metrics import Counter, Histogram
@@ -40,19 +39,18 @@ class DecoderMetrics:
         )
         self.batch_size = Histogram(
             "cllm_batch_size",
-            description="Requests decoded together in one decoding call.",
+            description="Rows decoding in the engine when a request finishes.",
             boundaries=BATCH_SIZE_BOUNDARIES,
             tag_keys=("mode",),
         )
 
-    def record_batch(self, rows: Sequence[RowStats]) -> None:
-        self.batch_size.observe(len(rows), tags=self._tags)
-        for row in rows:
-            if row.new_tokens:
-                self.generated_tokens.inc(row.new_tokens, tags=self._tags)
-            if row.forwards:
-                self.forwards.inc(row.forwards, tags=self._tags)
-                self.tokens_per_forward.observe(row.tokens_per_forward, tags=self._tags)
+    def record_request(self, stats: RowStats, running_rows: int) -> None:
+        self.batch_size.observe(running_rows + 1, tags=self._tags)
+        if stats.new_tokens:
+            self.generated_tokens.inc(stats.new_tokens, tags=self._tags)
+        if stats.forwards:
+            self.forwards.inc(stats.forwards, tags=self._tags)
+            self.tokens_per_forward.observe(stats.tokens_per_forward, tags=self._tags)
 
 
 class IngressMetrics:

@@ -1,20 +1,27 @@
 """The OpenAI HTTP contract: request schemas, response bodies and the error shape.
 
-Requests are validated strictly. Fields that OpenAI defines but that would change the output in a
-way this server cannot honour (sampling, several choices, logprobs, penalties, tools) are accepted
-only at their neutral value and otherwise rejected with 400; unknown fields are rejected too, so
-nothing is silently ignored. `n_token` (the Jacobi block size) is this server's extension.
+Requests are validated strictly. Sampling (`temperature`, `top_p`, `seed`, and vLLM's `top_k`),
+several choices (`n`) and log-probabilities are served; fields that would change the output in a
+way this server cannot honour (penalties, echo, best_of, tools) are accepted only at their neutral
+value and otherwise rejected with 400; unknown fields are rejected too, so nothing is silently
+ignored. `n_token` (the Jacobi block size) is this server's extension. An absent `temperature`
+means the server's default (greedy unless configured otherwise), not OpenAI's 1.
 """
 
 from __future__ import annotations
 
 import time
 import uuid
-from typing import Any, Literal
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4  # as in OpenAI's API
+MAX_CHOICES = 16
+MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
+INT64 = 2**63
 
 
 class ApiError(Exception):
@@ -65,8 +72,9 @@ class _GenerationParameters(BaseModel):
     stop: str | list[str] | None = None
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
-    n: int = 1
-    seed: int | None = None
+    top_k: int | None = Field(default=None, ge=-1, description="0 or -1: no limit (vLLM's extension)")
+    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -90,29 +98,6 @@ class _GenerationParameters(BaseModel):
             raise ValueError("stop sequences must not be empty")
         return value
 
-    # Decoding is greedy (Jacobi decoding is lossless only against greedy AR): refuse what would
-    # need sampling instead of quietly returning greedy text.
-    @field_validator("temperature")
-    @classmethod
-    def _greedy_temperature(cls, value: float | None) -> float | None:
-        if value not in (None, 0.0):
-            raise ValueError("only greedy decoding is supported: temperature must be 0 or absent")
-        return value
-
-    @field_validator("top_p")
-    @classmethod
-    def _greedy_top_p(cls, value: float | None) -> float | None:
-        if value not in (None, 1.0):
-            raise ValueError("only greedy decoding is supported: top_p must be 1 or absent")
-        return value
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, value: int) -> int:
-        if value != 1:
-            raise ValueError("only n=1 is supported")
-        return value
-
     @field_validator("presence_penalty", "frequency_penalty")
     @classmethod
     def _no_penalty(cls, value: float | None) -> float | None:
@@ -134,13 +119,17 @@ class _GenerationParameters(BaseModel):
     def include_usage_chunk(self) -> bool:
         return self.stream_options is not None and self.stream_options.include_usage
 
+    @property
+    def top_k_limit(self) -> int:
+        return max(self.top_k or 0, 0)
+
 
 class CompletionRequest(_GenerationParameters):
     """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt)."""
 
     prompt: str | list[int]
     echo: bool = False
-    logprobs: None = None  # only null: log-probabilities are not computed
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="alternatives per token")
     best_of: Literal[1] | None = None
     suffix: None = None
 
@@ -176,13 +165,25 @@ class ChatCompletionRequest(_GenerationParameters):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    logprobs: Literal[False] | None = None
+    logprobs: bool | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
 
     @model_validator(mode="after")
     def _one_token_limit(self) -> ChatCompletionRequest:
         if self.max_tokens is not None and self.max_completion_tokens is not None:
             raise ValueError("give max_tokens or max_completion_tokens, not both")
         return self
+
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs=true")
+        return self
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives per token the decoder computes (None: no log-probabilities)."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -208,32 +209,98 @@ def now() -> int:
     return int(time.time())
 
 
-def completion_body(
-    response_id: str, model: str, text: str, finish_reason: str, usage: Usage
-) -> dict[str, Any]:
+class TokenLogprobs(Protocol):
+    """A generated token's log-probability as the decoder reports it (text of the token, value,
+    and the likeliest alternatives as (text, value) pairs)."""
+
+    token: str
+    logprob: float
+    top: tuple[tuple[str, float], ...]
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One finished choice of a response."""
+
+    index: int
+    text: str
+    finish_reason: str
+    logprobs: Sequence[TokenLogprobs] | None = None  # None: not asked for
+
+
+def completion_logprobs(entries: Sequence[TokenLogprobs], text_offset: int = 0) -> dict[str, Any]:
+    """The completions API's (legacy) logprobs object. `top_logprobs` holds the alternatives and
+    the chosen token, as OpenAI's does; `text_offset` counts characters from `text_offset` on."""
+    offsets = []
+    for entry in entries:
+        offsets.append(text_offset)
+        text_offset += len(entry.token)
+    return {
+        "tokens": [entry.token for entry in entries],
+        "token_logprobs": [entry.logprob for entry in entries],
+        "top_logprobs": [dict(entry.top) | {entry.token: entry.logprob} for entry in entries],
+        "text_offset": offsets,
+    }
+
+
+def _token_bytes(token: str) -> list[int]:
+    return list(token.encode("utf-8"))
+
+
+def chat_logprobs(entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
+    """The chat API's logprobs object: `{"content": [{token, logprob, bytes, top_logprobs}]}`."""
+    return {
+        "content": [
+            {
+                "token": entry.token,
+                "logprob": entry.logprob,
+                "bytes": _token_bytes(entry.token),
+                "top_logprobs": [
+                    {"token": token, "logprob": value, "bytes": _token_bytes(token)} for token, value in entry.top
+                ],
+            }
+            for entry in entries
+        ]
+    }
+
+
+def completion_body(response_id: str, model: str, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
     return {
         "id": response_id,
         "object": "text_completion",
         "created": now(),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [
+            {
+                "index": choice.index,
+                "text": choice.text,
+                "logprobs": None if choice.logprobs is None else completion_logprobs(choice.logprobs),
+                "finish_reason": choice.finish_reason,
+            }
+            for choice in choices
+        ],
         "usage": usage.model_dump(),
     }
 
 
 def completion_chunk(
-    response_id: str, model: str, text: str, finish_reason: str | None = None
+    response_id: str,
+    model: str,
+    text: str,
+    finish_reason: str | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": response_id,
         "object": "text_completion",
         "created": now(),
         "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 
-def chat_body(response_id: str, model: str, text: str, finish_reason: str, usage: Usage) -> dict[str, Any]:
+def chat_body(response_id: str, model: str, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
     return {
         "id": response_id,
         "object": "chat.completion",
@@ -241,25 +308,31 @@ def chat_body(response_id: str, model: str, text: str, finish_reason: str, usage
         "model": model,
         "choices": [
             {
-                "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "logprobs": None,
-                "finish_reason": finish_reason,
+                "index": choice.index,
+                "message": {"role": "assistant", "content": choice.text},
+                "logprobs": None if choice.logprobs is None else chat_logprobs(choice.logprobs),
+                "finish_reason": choice.finish_reason,
             }
+            for choice in choices
         ],
         "usage": usage.model_dump(),
     }
 
 
 def chat_chunk(
-    response_id: str, model: str, delta: dict[str, str], finish_reason: str | None = None
+    response_id: str,
+    model: str,
+    delta: dict[str, str],
+    finish_reason: str | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     return {
         "id": response_id,
         "object": "chat.completion.chunk",
         "created": now(),
         "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
+        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
     }
 
 

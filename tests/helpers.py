@@ -1,4 +1,5 @@
-"""Helpers shared by several test modules: small tokenizers, free ports, trajectory rows."""
+"""Helpers shared by several test modules: small tokenizers, free ports, trajectory rows, and
+Hugging Face `generate` as the greedy reference."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import signal
 import socket
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, models, processors
 from transformers import PreTrainedTokenizerFast
 
@@ -150,3 +152,22 @@ def hand_rows() -> list[TrajectoryRow]:
         row("a", 0, 4, [5, 6, 7, 8], [[9, 1, 2], [9, 4, 2], [9, 4, 3]], label_ids=[11, 12]),
         row("b", 1, 3, [20, 21, 22, 23, 24, 25], [[30, 1, 1], [30, 31, PAD]], fixed_length=2, label_ids=[13]),
     ]
+
+
+def hf_greedy(model, input_ids, mask, max_new_tokens, eos_token_id=None) -> list[list[int]]:
+    """Hugging Face `generate`, one unpadded row at a time."""
+    outputs = []
+    for ids, row_mask in zip(input_ids, mask):
+        prompt = ids[row_mask.bool()][None]
+        generated = model.generate(
+            prompt,
+            attention_mask=torch.ones_like(prompt),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_token_id,
+            pad_token_id=eos_token_id if eos_token_id is not None else 0,
+        )[0, prompt.shape[1] :].tolist()
+        if eos_token_id is not None and eos_token_id in generated:  # generate pads after EOS
+            generated = generated[: generated.index(eos_token_id) + 1]
+        outputs.append(generated)
+    return outputs

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import hf_greedy
 
 from cllm import ar_generate, jacobi_generate, tiny_model
 from cllm.hf import TINY_ARCHITECTURES
@@ -35,25 +36,6 @@ def mixed_batch(rows: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         else:
             mask[row, :length] = 1  # right padding
     return input_ids, mask
-
-
-def hf_greedy(model, input_ids, mask, max_new_tokens, eos_token_id=None) -> list[list[int]]:
-    """Hugging Face `generate`, one unpadded row at a time."""
-    outputs = []
-    for ids, row_mask in zip(input_ids, mask):
-        prompt = ids[row_mask.bool()][None]
-        generated = model.generate(
-            prompt,
-            attention_mask=torch.ones_like(prompt),
-            max_new_tokens=max_new_tokens,
-            do_sample=False,
-            eos_token_id=eos_token_id,
-            pad_token_id=eos_token_id if eos_token_id is not None else 0,
-        )[0, prompt.shape[1] :].tolist()
-        if eos_token_id is not None and eos_token_id in generated:  # generate pads after EOS
-            generated = generated[: generated.index(eos_token_id) + 1]
-        outputs.append(generated)
-    return outputs
 
 
 @pytest.mark.parametrize("rows", [1, 5])
@@ -194,8 +176,8 @@ def test_per_iteration_work_is_the_unaccepted_part_of_the_block():
     fed: list[tuple[int, int]] = []  # (real tokens fed, attention span) per forward, batch of 1
 
     def count(_module, _args, kwargs):
-        fed.append((int(kwargs["attention_mask"][0, -kwargs["input_ids"].shape[1]:].sum()),
-                    kwargs["attention_mask"].shape[1]))
+        # Batch of 1: no padding, so every fed id is real; the mask's last dim is the keys attended.
+        fed.append((kwargs["input_ids"].shape[1], kwargs["attention_mask"].shape[-1]))
 
     handle = model.register_forward_pre_hook(count, with_kwargs=True)
     try:

@@ -3,11 +3,12 @@
 One Serve instance for the module, on a private local Ray (loopback only), serving a tiny random
 Llama saved to disk with a small word-level tokenizer, through two applications:
 
-- `main` (route prefix /): autoscaled Decoder (1 to 2 replicas), dynamic batching;
+- `main` (route prefix /): autoscaled Decoder (1 to 2 replicas), continuous batching;
 - `tight` (route prefix /tight): one replica that takes one request at a time and queues one more,
   for the over-capacity and client-disconnect cases.
 
-Every text is compared with `cllm.ar_generate` (greedy AR) on the same model in this process.
+Every greedy text is compared with `cllm.ar_generate` (greedy AR) on the same model in this
+process. The in-process tests at the end construct the decoder deployment's class directly.
 """
 
 from __future__ import annotations
@@ -290,9 +291,117 @@ def test_concurrent_requests_share_a_batch_and_match_alone(server):
         texts = list(pool.map(ask, requests))
     after = server.decoder_load("main")
     assert texts == [alone[request] for request in requests]
-    batches = after.batches - before.batches
-    rows = after.batched_rows - before.batched_rows
-    assert rows == len(requests) and batches < rows  # some requests were decoded together
+    assert after.batched_rows - before.batched_rows == len(requests)
+    assert after.peak_rows >= 2  # rows shared forwards
+
+
+@slow
+def test_sampling_with_a_seed_is_reproducible_and_n_gives_choices(server):
+    def ask(**kwargs):
+        return server.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[1], max_tokens=16, **kwargs)
+
+    first = ask(temperature=0.9, top_p=0.95, seed=42, n=3)
+    again = ask(temperature=0.9, top_p=0.95, seed=42, n=3)
+    assert [choice.index for choice in first.choices] == [0, 1, 2]
+    assert [c.text for c in first.choices] == [c.text for c in again.choices]
+    assert len({choice.text for choice in first.choices}) > 1
+    assert 3 <= first.usage.completion_tokens <= 3 * 16  # the three choices' tokens together
+    assert first.usage.prompt_tokens == len(server.reference.ids(PROMPTS[1]))
+    greedy = ask(temperature=0, n=2, extra_body={"top_k": 5})
+    assert [choice.text for choice in greedy.choices] == [server.reference.text(PROMPTS[1], 16)] * 2
+    streamed = server.client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "t30"}], max_tokens=8, temperature=0.9, seed=7,
+        n=2, stream=True,
+    )
+    texts = {0: "", 1: ""}
+    for chunk in streamed:
+        for choice in chunk.choices:
+            texts[choice.index] += choice.delta.content or ""
+    alone = server.client.chat.completions.create(
+        model=MODEL_NAME, messages=[{"role": "user", "content": "t30"}], max_tokens=8, temperature=0.9, seed=7, n=2,
+    )
+    assert [texts[0], texts[1]] == [choice.message.content for choice in alone.choices]
+
+
+@slow
+def test_one_bad_request_does_not_fail_its_batch(server):
+    bodies = [
+        {"model": MODEL_NAME, "prompt": PROMPTS[0], "max_tokens": 20},
+        {"model": MODEL_NAME, "prompt": PROMPTS[1], "max_tokens": 20, "seed": -(2**63) - 1},  # out of range
+        {"model": MODEL_NAME, "prompt": PROMPTS[2], "max_tokens": 20, "temperature": 0.8, "seed": 3},
+    ]
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        replies = list(pool.map(lambda body: server.post("/v1/completions", json=body), bodies))
+    assert error_of(replies[1], 400)["param"] == "seed"
+    assert replies[0].json()["choices"][0]["text"] == server.reference.text(PROMPTS[0], 20)
+    assert replies[2].status_code == 200 and replies[2].json()["usage"]["completion_tokens"] >= 1
+
+
+@slow
+def test_logprobs_in_openai_shapes(server):
+    prompt_ids = server.reference.ids(PROMPTS[0])
+    ids = server.reference.generate(prompt_ids, 6)
+    with torch.inference_mode():
+        logits = server.reference.model(input_ids=torch.tensor([prompt_ids + ids])).logits[0]
+    forced = logits.log_softmax(-1)[len(prompt_ids) - 1 : -1]
+    expected = forced.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1).tolist()
+    tokens = [server.reference.tokenizer.decode([token]) for token in ids]
+
+    completion = server.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=6, logprobs=2)
+    logprobs = completion.choices[0].logprobs
+    assert logprobs.tokens == tokens
+    assert logprobs.token_logprobs == pytest.approx(expected, abs=1e-4)
+    assert all(len(top) in (2, 3) and token in top for top, token in zip(logprobs.top_logprobs, tokens))
+    assert logprobs.text_offset[0] == 0
+
+    messages = [{"role": "user", "content": "t9 t10"}]
+    chat = server.client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=5, logprobs=True, top_logprobs=3
+    )
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens
+    assert all(len(entry.top_logprobs) == 3 and entry.bytes == list(entry.token.encode()) for entry in content)
+    streamed = server.client.chat.completions.create(
+        model=MODEL_NAME, messages=messages, max_tokens=5, logprobs=True, stream=True
+    )
+    entries = [entry for chunk in streamed for choice in chunk.choices if choice.logprobs
+               for entry in choice.logprobs.content]
+    assert [entry.logprob for entry in entries] == pytest.approx([entry.logprob for entry in content], abs=1e-5)
+    plain = server.client.completions.create(model=MODEL_NAME, prompt=PROMPTS[0], max_tokens=3)
+    assert plain.choices[0].logprobs is None
+
+
+@slow
+def test_a_request_joining_a_running_batch_leaves_the_others_unchanged(server):
+    """A long stream is decoding when short requests join its batch and leave it: every text is
+    still the one the request gets alone, and the short requests finish first."""
+    long_prompt, long_tokens = PROMPTS[2], 120
+
+    async def scenario() -> tuple[str, list[str], float, list[float]]:
+        async with openai.AsyncOpenAI(base_url=f"{server.url}/v1", api_key=API_KEY, max_retries=0) as client:
+            started = time.monotonic()
+            stream = await client.completions.create(
+                model=MODEL_NAME, prompt=long_prompt, max_tokens=long_tokens, stream=True
+            )
+            chunks = aiter(stream)
+            text = (await anext(chunks)).choices[0].text  # the long one is decoding now
+
+            async def short(prompt: str) -> tuple[str, float]:
+                reply = await client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=6)
+                return reply.choices[0].text, time.monotonic() - started
+
+            shorts = asyncio.gather(*(short(prompt) for prompt in PROMPTS[:2]))
+            async for chunk in chunks:
+                if chunk.choices:
+                    text += chunk.choices[0].text
+            long_done = time.monotonic() - started
+            results = await shorts
+        return text, [reply for reply, _ in results], long_done, [at for _, at in results]
+
+    text, shorts, long_done, short_done = asyncio.run(scenario())
+    assert text == server.reference.text(long_prompt, long_tokens)
+    assert shorts == [server.reference.text(prompt, 6) for prompt in PROMPTS[:2]]
+    assert max(short_done) < long_done
 
 
 # -- errors ---------------------------------------------------------------------------------------
@@ -306,9 +415,13 @@ def test_concurrent_requests_share_a_batch_and_match_alone(server):
         ({"model": MODEL_NAME, "prompt": "t5", "max_tokens": 0}, "max_tokens"),  # out of range
         ({"model": MODEL_NAME, "prompt": "t5", "n_token": 0}, "n_token"),
         ({"model": MODEL_NAME, "prompt": "t5", "n_token": 1000}, "n_token"),
-        ({"model": MODEL_NAME, "prompt": "t5", "temperature": 0.7}, "temperature"),
-        ({"model": MODEL_NAME, "prompt": "t5", "n": 2}, "n"),
-        ({"model": MODEL_NAME, "prompt": "t5", "logprobs": 3}, "logprobs"),
+        ({"model": MODEL_NAME, "prompt": "t5", "temperature": 2.5}, "temperature"),
+        ({"model": MODEL_NAME, "prompt": "t5", "top_p": 0}, "top_p"),
+        ({"model": MODEL_NAME, "prompt": "t5", "top_k": -2}, "top_k"),
+        ({"model": MODEL_NAME, "prompt": "t5", "seed": 2**64}, "seed"),  # out of range: a 400, not a crash
+        ({"model": MODEL_NAME, "prompt": "t5", "n": 0}, "n"),
+        ({"model": MODEL_NAME, "prompt": "t5", "n": 17}, "n"),
+        ({"model": MODEL_NAME, "prompt": "t5", "logprobs": 21}, "logprobs"),
         ({"model": MODEL_NAME, "prompt": "t5", "frobnicate": True}, "frobnicate"),  # unknown field
         ({"model": MODEL_NAME, "prompt": [5, 999]}, "prompt"),  # token id outside the vocabulary
         ({"model": MODEL_NAME, "prompt": ""}, "prompt"),
@@ -323,6 +436,8 @@ def test_invalid_completion_requests_are_400(server, body, param):
 def test_invalid_chat_requests_are_400(server):
     empty = {"model": MODEL_NAME, "messages": []}
     assert error_of(server.post("/v1/chat/completions", json=empty), 400)["param"] == "messages"
+    top_alone = {"model": MODEL_NAME, "messages": [{"role": "user", "content": "t5"}], "top_logprobs": 2}
+    assert "logprobs" in error_of(server.post("/v1/chat/completions", json=top_alone), 400)["message"]
     bad_role = {"model": MODEL_NAME, "messages": [{"role": "wizard", "content": "t5"}]}
     assert error_of(server.post("/v1/chat/completions", json=bad_role), 400)["param"].startswith("messages")
 
@@ -486,6 +601,7 @@ def decoder_options(config: dict) -> dict:
 def test_config_yaml_and_its_documented_cpu_override():
     options = decoder_options(yaml.safe_load(CONFIG.read_text()))
     assert options["ray_actor_options"]["num_gpus"] == 1
+    assert options["graceful_shutdown_timeout_s"] >= 60  # a scale-down drains its streams
     assert {"min_replicas", "max_replicas", "target_ongoing_requests"} <= set(options["autoscaling_config"])
     assert options["max_ongoing_requests"] >= 1 and options["max_queued_requests"] >= 1
     # The exact command the config's header documents for CPU-only machines.
@@ -531,34 +647,37 @@ def test_token_stream_keeps_its_own_max_tokens_and_eos():
 
     async def run() -> list:
         loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
         stream = TokenStream(
-            loop, StopTextAssembler(lambda ids: " ".join(map(str, ids)), ()), 4, frozenset({9})
+            loop, events, StopTextAssembler(lambda ids: " ".join(map(str, ids)), ()), 4, frozenset({9})
         )
         assert stream.on_tokens([1, 2]) is True
-        assert stream.on_tokens([3, 4, 5]) is False  # the batch may run longer than this row wants
+        assert stream.on_tokens([3, 4, 5]) is False  # the engine may verify more than this row wants
         stream.finish(forwards=3)
         ended = TokenStream(
-            loop, StopTextAssembler(lambda ids: " ".join(map(str, ids)), ()), 10, frozenset({9})
+            loop, events, StopTextAssembler(lambda ids: " ".join(map(str, ids)), ()), 10, frozenset({9}), index=1
         )
         assert ended.on_tokens([7, 9, 8]) is False
         ended.finish(forwards=1)
-        return [event async for event in stream.events()] + [event async for event in ended.events()]
+        await asyncio.sleep(0)
+        return [events.get_nowait() for _ in range(events.qsize())]
 
     assert asyncio.run(run()) == [
         TextDelta("1 2"),
         TextDelta(" 3 4"),
         Finished("length", 4, 3),
-        TextDelta("7 9"),
-        Finished("stop", 2, 1),
+        TextDelta("7 9", index=1),
+        Finished("stop", 2, 1, index=1),
     ]
 
 
-def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoint):
+@pytest.mark.parametrize("scheduler", ["dynamic", "continuous"])
+def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoint, scheduler):
     from cllm_serve.batching import Accepted, Finished, TextDelta
     from cllm_serve.decoder import DecodeRequest
 
     torch.set_num_threads(1)
-    decoder = new_decoder(checkpoint, n_token=4, batch_wait_ms=200)
+    decoder = new_decoder(checkpoint, n_token=4, batch_wait_ms=200, scheduler=scheduler)
     reference = Reference(checkpoint)
     requests = [
         DecodeRequest(prompt="t5 t17 t42", max_tokens=20),
@@ -578,7 +697,9 @@ def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoin
         assert isinstance(finished, Finished) and finished.completion_tokens == request.max_tokens
         assert 1 <= finished.forwards <= request.max_tokens
     load = decoder.load()
-    assert (load.batches, load.batched_rows) == (1, 3)
+    assert load.batched_rows == 3 and load.peak_rows >= 2  # rows shared forwards
+    if scheduler == "dynamic":
+        assert load.batches == 1  # the idle replica waited for company, then took all three
 
 
 def test_decoder_ar_mode_equals_greedy_ar(checkpoint):
@@ -630,3 +751,148 @@ def test_cancelled_request_stops_its_row(checkpoint):
 
     asyncio.run(run())
     assert 0 < decoder.load().generated_tokens < 3000
+
+
+def test_short_request_arriving_during_a_long_one_finishes_first(checkpoint):
+    """Continuous batching: the short request joins the running long one between iterations,
+    finishes, and leaves, while the long one keeps going (it is then cancelled)."""
+    from cllm_serve.decoder import DecodeRequest
+
+    torch.set_num_threads(1)
+    decoder = new_decoder(checkpoint, n_token=4)
+    reference = Reference(checkpoint)
+
+    async def run() -> tuple[list, int]:
+        long = asyncio.create_task(decoder.complete(DecodeRequest(prompt="t5", max_tokens=3000)))
+        while decoder.load().running_rows == 0:
+            await asyncio.sleep(0.01)
+        short = await decoder.complete(DecodeRequest(prompt="t7 t8", max_tokens=6))
+        still_running = decoder.load().running_rows
+        long.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await long
+        return short, still_running
+
+    short, still_running = asyncio.run(run())
+    assert still_running == 1  # the long request was still decoding when the short one returned
+    assert short[1].text == reference.text("t7 t8", 6) and short[-1].completion_tokens == 6
+
+
+def test_sampling_seed_n_and_logprobs_in_the_decoder(checkpoint):
+    from cllm_serve.batching import Accepted, Finished, TextDelta
+    from cllm_serve.decoder import DecodeRequest
+
+    torch.set_num_threads(1)
+    decoder = new_decoder(checkpoint, n_token=4)
+    reference = Reference(checkpoint)
+
+    def texts(request: DecodeRequest) -> list[str]:
+        events = asyncio.run(decoder.complete(request))
+        assert events[0] == Accepted(prompt_tokens=len(reference.ids("t5 t6")), choices=request.n)
+        finished = [event for event in events if isinstance(event, Finished)]
+        assert sorted(event.index for event in finished) == list(range(request.n))
+        by_choice = {event.index: event.text for event in events if isinstance(event, TextDelta)}
+        return [by_choice[index] for index in range(request.n)]
+
+    warm = DecodeRequest(prompt="t5 t6", max_tokens=12, temperature=1.0, seed=11, n=3)
+    first = texts(warm)
+    assert texts(warm) == first  # the same seed gives the same text
+    assert len(set(first)) > 1  # the choices use different seeds
+    assert texts(DecodeRequest(prompt="t5 t6", max_tokens=12, temperature=1.0, seed=12, n=3)) != first
+    assert texts(DecodeRequest(prompt="t5 t6", max_tokens=12, n=2)) == [reference.text("t5 t6", 12)] * 2
+
+    events = asyncio.run(decoder.complete(DecodeRequest(prompt="t5 t6", max_tokens=5, logprobs=2)))
+    entries = events[1].logprobs
+    ids = reference.generate(reference.ids("t5 t6"), 5)
+    assert [entry.token for entry in entries] == [reference.tokenizer.decode([token]) for token in ids]
+    with torch.inference_mode():
+        logits = reference.model(input_ids=torch.tensor([reference.ids("t5 t6") + ids])).logits[0]
+    forced = logits.log_softmax(-1)[len(reference.ids("t5 t6")) - 1 : -1]
+    expected = forced.gather(-1, torch.tensor(ids)[:, None]).squeeze(-1).tolist()
+    assert [entry.logprob for entry in entries] == pytest.approx(expected, abs=1e-4)
+    assert all(len(entry.top) == 2 for entry in entries)
+
+
+def test_one_failing_request_fails_alone_in_the_engine_loop(checkpoint):
+    """An out-of-memory prefill on one long prompt fails that request; the others finish."""
+    from cllm import Engine, RequestParams
+    from cllm_serve.batching import EngineJob, EngineLoop, Failed, Finished, StopTextAssembler, TextDelta, TokenStream
+
+    reference = Reference(checkpoint)
+    model = reference.model
+
+    class RaisesOnLongPrompts(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner, self.config = model, model.config
+
+        @property
+        def device(self):
+            return model.device
+
+        def forward(self, input_ids, cache=None, logits_to_keep=0, **kwargs):
+            if input_ids.shape[1] > 30:
+                raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+            return model(input_ids=input_ids, cache=cache, logits_to_keep=logits_to_keep, **kwargs)
+
+    async def run() -> dict[int, list]:
+        loop = asyncio.get_running_loop()
+        engine_loop = EngineLoop(lambda: Engine(RaisesOnLongPrompts(), max_rows=4), batch_wait_s=0)
+        queues = {}
+        for index, prompt in enumerate(([5, 6, 7], [5] * 40, [9, 10])):
+            queues[index] = asyncio.Queue()
+            words = StopTextAssembler(lambda ids: " ".join(map(str, ids)), ())
+            stream = TokenStream(loop, queues[index], words, 8, frozenset())
+            engine_loop.submit(EngineJob(prompt, RequestParams(max_new_tokens=8, n_token=4), stream))
+        results = {}
+        for index, queue in queues.items():
+            events = []
+            while not events or not isinstance(events[-1], (Finished, Failed)):
+                events.append(await queue.get())
+            results[index] = events
+        assert engine_loop.alive
+        engine_loop.shutdown()
+        assert not engine_loop.alive
+        return results
+
+    results = asyncio.run(run())
+    assert isinstance(results[1][-1], Failed) and "out of memory" in results[1][-1].message
+    for index, prompt in ((0, [5, 6, 7]), (2, [9, 10])):
+        assert isinstance(results[index][-1], Finished) and results[index][-1].completion_tokens == 8
+        text = "".join(event.text for event in results[index] if isinstance(event, TextDelta))
+        assert text == " ".join(map(str, reference.generate(prompt, 8)))
+
+
+def test_check_health_fails_once_the_engine_loop_stops(checkpoint):
+    decoder = new_decoder(checkpoint)
+    decoder.check_health()
+    decoder.__del__()  # what Serve calls when the replica shuts down
+    with pytest.raises(RuntimeError, match="engine"):
+        decoder.check_health()
+
+
+def test_a_stream_whose_reader_is_gone_does_not_stop_the_engine_loop(checkpoint):
+    from cllm import Engine, RequestParams
+    from cllm_serve.batching import EngineJob, EngineLoop, Finished, StopTextAssembler, TokenStream
+
+    model = Reference(checkpoint).model
+    engine_loop = EngineLoop(lambda: Engine(model, max_rows=2), batch_wait_s=0)
+
+    def job(loop, queue) -> EngineJob:
+        stream = TokenStream(loop, queue, StopTextAssembler(lambda ids: str(len(ids)), ()), 40, frozenset())
+        return EngineJob([5, 6, 7], RequestParams(max_new_tokens=40, n_token=4), stream)
+
+    async def abandon() -> None:  # submits, then its event loop closes before the row is done
+        engine_loop.submit(job(asyncio.get_running_loop(), asyncio.Queue()))
+
+    async def finish() -> Finished:
+        queue: asyncio.Queue = asyncio.Queue()
+        engine_loop.submit(job(asyncio.get_running_loop(), queue))
+        while not isinstance(event := await queue.get(), Finished):
+            pass
+        return event
+
+    asyncio.run(abandon())
+    assert asyncio.run(finish()).completion_tokens == 40
+    assert engine_loop.alive
+    engine_loop.shutdown()
