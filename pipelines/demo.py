@@ -1,9 +1,11 @@
 """The whole CLLM loop on the offline default, end to end: `make demo`.
 
-    python pipelines/demo.py [--budget quick|long] [--fresh]
+    python pipelines/demo.py [--domain math|sql|code] [--budget quick|long] [--fresh]
 
-Stages, each with its artifacts under --output (default runs/demo/):
-  1. teacher   build (first time only, cached under ~/.cache/cllm) or load the toy teacher;
+Stages, each with its artifacts under --output (default runs/demo/ for math, runs/demo-<domain>/
+otherwise):
+  1. teacher   build (first time only, cached under ~/.cache/cllm) or load the toy teacher of
+               --domain (math by default; `make demo DOMAIN=sql`);
   2. collect   Jacobi trajectories of the teacher on the toy training prompts (trajectories/),
                with pipelines/collect.py on a local Ray;
   3. train     consistency-train the CLLM with DeepSpeed on 2 CPU workers (cllm/hf), with
@@ -33,6 +35,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from cllm.hf import load_model
+from cllm.toy import DEFAULT_DOMAIN, DOMAINS
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -75,6 +78,7 @@ BUDGETS = {
 
 @dataclass(frozen=True)
 class DemoConfig:
+    domain: str
     budget_name: str
     budget: Budget
     output: Path
@@ -97,23 +101,27 @@ class Stage:
 
 def parse_args(argv: list[str] | None = None) -> DemoConfig:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--domain", choices=DOMAINS, default=DEFAULT_DOMAIN,
+                        help=f"toy domain: the teacher and prompts (default: {DEFAULT_DOMAIN})")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default=os.environ.get("BUDGET") or "quick",
                         help="quick (the default, or the BUDGET environment variable), long, or tiny (a smoke check)")
     parser.add_argument("--fresh", action="store_true", help="delete --output and run every stage again")
-    parser.add_argument("--output", default="runs/demo", help="artifact directory (default: runs/demo)")
-    parser.add_argument("--model", default="toy", help="teacher: toy name, hub id or local directory (default: toy)")
-    parser.add_argument("--train-prompts", default="toy:train", help="prompts to collect on (default: toy:train)")
-    parser.add_argument("--heldout-prompts", default="toy:heldout",
-                        help="prompts to evaluate on (default: toy:heldout)")
+    parser.add_argument("--output", help="artifact directory (default: runs/demo for math, runs/demo-<domain>)")
+    parser.add_argument("--model", help="teacher: toy name, hub id or local directory (default: toy-<domain>)")
+    parser.add_argument("--train-prompts", help="prompts to collect on (default: toy-<domain>:train)")
+    parser.add_argument("--heldout-prompts", help="prompts to evaluate on (default: toy-<domain>:heldout)")
     parser.add_argument("--workers", type=int, default=2, help="Ray workers for collect and train (default: 2)")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     if args.budget not in BUDGETS:
         parser.error(f"unknown budget {args.budget!r}; choose from {sorted(BUDGETS)}")
+    # math keeps the plain names it always had (`toy`, runs/demo)
+    toy = "toy" if args.domain == DEFAULT_DOMAIN else f"toy-{args.domain}"
+    output = args.output or ("runs/demo" if args.domain == DEFAULT_DOMAIN else f"runs/demo-{args.domain}")
     return DemoConfig(
-        budget_name=args.budget, budget=BUDGETS[args.budget], output=Path(args.output).resolve(), fresh=args.fresh,
-        model=args.model, train_prompts=args.train_prompts, heldout_prompts=args.heldout_prompts,
-        workers=args.workers, seed=args.seed,
+        domain=args.domain, budget_name=args.budget, budget=BUDGETS[args.budget], output=Path(output).resolve(),
+        fresh=args.fresh, model=args.model or toy, train_prompts=args.train_prompts or f"{toy}:train",
+        heldout_prompts=args.heldout_prompts or f"{toy}:heldout", workers=args.workers, seed=args.seed,
     )
 
 
@@ -217,7 +225,7 @@ def run_stages(stages: list[Stage], output: Path) -> dict[str, tuple[float, bool
 def print_summary(config: DemoConfig, times: dict[str, tuple[float, bool]]) -> None:
     report = config.output / "report" / "report.md"
     print("\n" + report.read_text())
-    print(f"budget: {config.budget_name} {asdict(config.budget)}")
+    print(f"domain: {config.domain}; teacher: {config.model}; budget: {config.budget_name} {asdict(config.budget)}")
     print("wall time per stage:")
     for name, (seconds, reused) in times.items():
         print(f"  {name:<9} {seconds / 60:6.1f} min" + ("  (reused from an earlier run)" if reused else ""))
