@@ -194,9 +194,12 @@ class TrajectoryCollate(ArrowBatchCollateFn):
 def response_record(group: pa.Table) -> pa.Table:
     """Every row of one prompt (a Ray Data group) as one record holding its blocks; a prompt with
     a missing block fails here, naming it."""
-    blocks = group.select(list(ROW_FIELDS)).to_pylist()
+    table = group.select(list(ROW_FIELDS))
+    blocks = table.to_pylist()
     group_responses([TrajectoryRow.from_mapping(block) for block in blocks])
-    return pa.table({"prompt_id": [blocks[0]["prompt_id"]], "blocks": [blocks]})
+    # The shards' own types, so that every record has the same schema (a null column included)
+    blocks_type = pa.list_(pa.struct(list(table.schema)))
+    return pa.table({"prompt_id": [blocks[0]["prompt_id"]], "blocks": pa.array([blocks], type=blocks_type)})
 
 
 def response_rows(record: dict) -> list[TrajectoryRow]:
@@ -501,7 +504,10 @@ def main(argv: list[str] | None = None) -> int:
     # wait forever. Trajectories are small next to the model, so the object store holds them.
     dataset = ray.data.read_parquet(shards, filesystem=data_filesystem).select_columns(list(ROW_FIELDS))
     if noise is not None:  # Jacobi Forcing trains whole responses: one record per prompt
-        dataset = dataset.groupby("prompt_id").map_groups(response_record, batch_format="pyarrow")
+        # As many shuffle partitions as the cluster has CPUs (Ray's default, 200, is for big clusters).
+        partitions = min(len(shards), max(1, int(ray.cluster_resources().get("CPU", 1))))
+        dataset = dataset.groupby("prompt_id", num_partitions=partitions).map_groups(
+            response_record, batch_format="pyarrow")
     dataset = dataset.materialize()
     records = dataset.count() if noise is not None else rows
     if records < args.workers * args.batch_size:
