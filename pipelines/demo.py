@@ -74,6 +74,27 @@ BUDGETS = {
         eval_prompts=200, eval_n_tokens=(8, 16), eval_max_new_tokens=96,
     ),
 }
+# Toy SQL answers are one block (about 12 tokens) where math's are three or four, so the same
+# number of training blocks (and optimizer steps) takes three times the prompts.
+DOMAIN_BUDGETS = {
+    "sql": {
+        "quick": Budget(
+            train_prompts=3000, n_token=16, collect_max_new_tokens=64, train_epochs=3, train_max_steps=None,
+            train_lr=3e-4,
+            eval_prompts=200, eval_n_tokens=(8, 16), eval_max_new_tokens=64,
+        ),
+        "long": Budget(
+            train_prompts=9000, n_token=16, collect_max_new_tokens=64, train_epochs=3, train_max_steps=None,
+            train_lr=3e-4,
+            eval_prompts=400, eval_n_tokens=(8, 16), eval_max_new_tokens=64,
+        ),
+    },
+}
+
+
+def budget_for(domain: str, name: str) -> Budget:
+    """The budget `name` as sized for `domain` (math's, unless the domain has its own)."""
+    return DOMAIN_BUDGETS.get(domain, {}).get(name, BUDGETS[name])
 
 
 @dataclass(frozen=True)
@@ -119,7 +140,8 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
     toy = "toy" if args.domain == DEFAULT_DOMAIN else f"toy-{args.domain}"
     output = args.output or ("runs/demo" if args.domain == DEFAULT_DOMAIN else f"runs/demo-{args.domain}")
     return DemoConfig(
-        domain=args.domain, budget_name=args.budget, budget=BUDGETS[args.budget], output=Path(output).resolve(),
+        domain=args.domain, budget_name=args.budget, budget=budget_for(args.domain, args.budget),
+        output=Path(output).resolve(),
         fresh=args.fresh, model=args.model or toy, train_prompts=args.train_prompts or f"{toy}:train",
         heldout_prompts=args.heldout_prompts or f"{toy}:heldout", workers=args.workers, seed=args.seed,
     )
