@@ -6,8 +6,10 @@ BIN := $(VENV)/bin
 # pin gives the CUDA build. Override with e.g. `make setup TORCH_SPEC='torch==2.11.0'`.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# `make demo BUDGET=long` trades time for stronger numbers; DEMO_ARGS=--fresh starts over.
+# `make demo BUDGET=long` trades time for stronger numbers; DEMO_ARGS=--fresh starts over;
+# `make demo DOMAIN=sql` runs it on toy text-to-SQL (math is the default).
 BUDGET ?= quick
+DOMAIN ?= math
 DEMO_ARGS ?=
 # -qq: errors only (pip's per-location index warnings would drown the output).
 PIP := $(BIN)/python -m pip install -qq --disable-pip-version-check
@@ -40,7 +42,7 @@ test-fast: setup lint
 	$(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
 demo: setup deepspeed-ops
-	$(BIN)/python pipelines/demo.py --budget $(BUDGET) $(DEMO_ARGS)
+	$(BIN)/python pipelines/demo.py --domain $(DOMAIN) --budget $(BUDGET) $(DEMO_ARGS)
 
 bench: setup
 	$(BIN)/python benchmarks/jacobi_vs_ar.py

@@ -1,7 +1,8 @@
 """Quality and Jacobi speed of the toy teachers on their held-out prompts.
 
 Per domain: teacher size, build time, held-out answer loss (from the build record), three greedy
-samples, task quality (math: exact-answer accuracy; code: repetition of the greedy outputs), and
+samples, task quality (math: exact-answer accuracy; sql: execution accuracy and exact match; code:
+repetition of the greedy outputs), and
 the teacher's Jacobi tokens-per-forward at n=16 next to greedy AR, with a token-for-token check.
 Builds a missing teacher first (minutes). Run:
 
@@ -22,7 +23,7 @@ from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.metrics import repetition_rate
 from cllm.toy import tasks, teacher
 
-MAX_NEW_TOKENS = {"math": 96, "code": 160}
+MAX_NEW_TOKENS = {"math": 96, "code": 160, "sql": 64}
 
 
 def evaluate(model, tokenizer, domain: str, prompts: list[toy.ToyPrompt], max_new_tokens: int,
@@ -48,11 +49,13 @@ def evaluate(model, tokenizer, domain: str, prompts: list[toy.ToyPrompt], max_ne
         ar_forwards += ar.stats.total.forwards
         jacobi_forwards += jacobi.stats.total.forwards
     texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in ar_tokens]
-    checks = [tasks.check_answer(domain, text, p.answer) for text, p in zip(texts, prompts)]
+    checks = [tasks.check_answer(domain, text, p.answer, p.prompt) for text, p in zip(texts, prompts)]
+    exact = [tasks.exact_match(domain, text, p.answer) for text, p in zip(texts, prompts)]
     generated = sum(len(tokens) for tokens in ar_tokens)
     return {
         "prompts": len(prompts),
         "accuracy": None if checks[0] is None else sum(map(bool, checks)) / len(checks),
+        "exact_match": None if exact[0] is None else sum(map(bool, exact)) / len(exact),
         "repetition_rate": sum(repetition_rate(t) for t in ar_tokens) / len(ar_tokens),
         "reference_repetition_rate": sum(
             repetition_rate(tokenizer(p.answer, add_special_tokens=False)["input_ids"]) for p in prompts

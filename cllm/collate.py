@@ -35,7 +35,7 @@ def _to(value: Any, device: torch.device | str) -> Any:
     return value
 
 
-class _Movable:
+class Movable:
     def to(self, device: torch.device | str):
         """A copy with every tensor on `device`."""
         return dataclasses.replace(
@@ -44,7 +44,7 @@ class _Movable:
 
 
 @dataclass
-class SequenceBatch(_Movable):
+class SequenceBatch(Movable):
     """Right-padded token sequences. `labels[b, t]` is the token that logit t must predict, or
     IGNORE where no next-token loss applies."""
 
@@ -55,7 +55,7 @@ class SequenceBatch(_Movable):
 
 
 @dataclass
-class StateBatch(_Movable):
+class StateBatch(Movable):
     """One student state per row: state j, its next state j + 1, and the fixed point, each after
     the row's prefix (all three sequences have the same length per row)."""
 
@@ -75,7 +75,7 @@ class StateBatch(_Movable):
 
 
 @dataclass
-class PackedBatch(_Movable):
+class PackedBatch(Movable):
     """prefix + state_0 + … + state_{k-1} per row, right-padded to (B, L)."""
 
     input_ids: torch.Tensor  # (B, L)
@@ -128,7 +128,8 @@ def pad_sequences(
     return SequenceBatch(input_ids, attention_mask, position_ids, labels)
 
 
-def _label_sequences(rows: Sequence[TrajectoryRow], pad_token_id: int) -> SequenceBatch:
+def label_batch(rows: Sequence[TrajectoryRow], pad_token_id: int) -> SequenceBatch:
+    """Prompt + ground-truth answer per row, labels on the answer (the `labels` AR target)."""
     prompts = [row.prompt_ids for row in rows]
     return pad_sequences(
         [prompt + list(row.label_ids) for prompt, row in zip(prompts, rows)],
@@ -182,7 +183,7 @@ def collate_states(
         fixed_point=torch.tensor(fixed_points, dtype=torch.long).view(len(rows), n_token),
         fixed_length=torch.tensor(fixed_lengths),
         has_target=torch.tensor(has_target),
-        label_sequences=_label_sequences(rows, pad_token_id) if labels else None,
+        label_sequences=label_batch(rows, pad_token_id) if labels else None,
     )
 
 
@@ -243,7 +244,7 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
         fixed_length=torch.tensor([row.fixed_length for row in rows]),
         prediction_index=prediction_index,
         ar_labels=ar_labels,
-        label_sequences=_label_sequences(rows, pad_token_id) if labels else None,
+        label_sequences=label_batch(rows, pad_token_id) if labels else None,
     )
 
 
@@ -261,12 +262,12 @@ def collate(
 
 
 def batch_tokens(batch: StateBatch | PackedBatch) -> int:
-    """Real tokens one training step feeds the model: prefix + every state when packed;
-    prefix + student state and prefix + fixed point otherwise (plus label sequences)."""
-    if isinstance(batch, PackedBatch):
-        fed = int(batch.attention_mask.sum())
-    else:
+    """Real tokens one training step feeds the model: prefix + student state and prefix + fixed
+    point for a `StateBatch`, the whole packed sequence otherwise (plus label sequences)."""
+    if isinstance(batch, StateBatch):
         fed = int(batch.student_sequences.attention_mask.sum() + batch.fixed_point_sequences.attention_mask.sum())
+    else:  # PackedBatch, or cllm.forcing.ForcingBatch
+        fed = int(batch.attention_mask.sum())
     if batch.label_sequences is not None:
         fed += int(batch.label_sequences.attention_mask.sum())
     return fed

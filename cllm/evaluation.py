@@ -25,7 +25,7 @@ from cllm.jacobi import (
 )
 from cllm.metrics import agreement, repetition_rate
 from cllm.toy import parse_toy_name
-from cllm.toy.tasks import check_answer, has_task_metric
+from cllm.toy.tasks import check_answer, exact_match, has_task_metric
 
 TokenText = Callable[[int], str]
 TaskMetric = Callable[[list[list[int]]], "float | None"]
@@ -66,6 +66,7 @@ class RunResult:
     seconds: float = 0.0  # decoding wall time summed over batches, warm-up excluded
     example_trajectory: list[list[int]] | None = None  # one block's states, for the Figure 1 plot
     accuracy: float | None = None  # the task metric of `outputs`, where there is one
+    exact_match: float | None = None  # sql: share of outputs equal to the reference query
 
     @property
     def total(self) -> RowStats:
@@ -113,6 +114,7 @@ class ReportRow:
     seconds: float
     iterations_per_block: float
     repetition: float  # mean share of repeated 4-grams per output: loops show up here
+    exact_match: float | None = None  # sql: share of queries equal to the reference (Spider's EM)
 
 
 # -- batching and decoding -------------------------------------------------------------------
@@ -196,25 +198,48 @@ def _record(run: RunResult, output: JacobiOutput) -> None:
 
 
 def task_metric(
-    prompts_spec: str, decode: Callable[[list[int]], str], references: Sequence[str | None]
+    prompts_spec: str,
+    decode: Callable[[list[int]], str],
+    references: Sequence[str | None],
+    prompts: Sequence[str] | None = None,
 ) -> TaskMetric | None:
     """The task metric of the prompts' source as a function of a run's outputs: for a toy
-    source with a metric (`toy:heldout`: the final answer matches the reference answer text),
-    else None (data files, toy code, or a prompt without a reference)."""
+    source with a metric (`toy:heldout`: the final answer matches the reference answer text;
+    `toy-sql:heldout`: execution accuracy on the database each prompt's schema describes, so
+    `prompts` are needed), else None (data files, toy code, or a prompt without a reference)."""
     toy = parse_toy_name(prompts_spec)
     if toy is None or not has_task_metric(toy.domain) or not references or None in references:
         return None
+    if toy.domain == "sql" and (prompts is None or len(prompts) != len(references)):
+        return None
+    texts = list(prompts) if prompts is not None else [None] * len(references)
 
     def accuracy(outputs: list[list[int]]) -> float:
-        return sum(bool(check_answer(toy.domain, decode(o), r)) for o, r in zip(outputs, references)) / len(outputs)
+        checks = (check_answer(toy.domain, decode(o), r, p) for o, r, p in zip(outputs, references, texts))
+        return sum(map(bool, checks)) / len(outputs)
 
     return accuracy
 
 
-def score_task(evaluation: ModelEvaluation, metric: TaskMetric | None) -> None:
-    """Score every run of `evaluation` with the task metric (None without one)."""
+def exact_match_metric(
+    prompts_spec: str, decode: Callable[[list[int]], str], references: Sequence[str | None]
+) -> TaskMetric | None:
+    """Share of outputs equal to their reference query (toy sql's exact match), else None."""
+    toy = parse_toy_name(prompts_spec)
+    if toy is None or toy.domain != "sql" or not references or None in references:
+        return None
+
+    def share(outputs: list[list[int]]) -> float:
+        return sum(bool(exact_match(toy.domain, decode(o), r)) for o, r in zip(outputs, references)) / len(outputs)
+
+    return share
+
+
+def score_task(evaluation: ModelEvaluation, metric: TaskMetric | None, exact: TaskMetric | None = None) -> None:
+    """Score every run of `evaluation` with the task metric and exact match (None without)."""
     for run in evaluation.runs:
         run.accuracy = metric(run.outputs) if metric else None
+        run.exact_match = exact(run.outputs) if exact else None
 
 
 def report_rows(evaluations: Sequence[ModelEvaluation], baseline: str) -> list[ReportRow]:
@@ -249,6 +274,7 @@ def report_rows(evaluations: Sequence[ModelEvaluation], baseline: str) -> list[R
                     seconds=run.seconds,
                     iterations_per_block=total.mean_iterations_per_block,
                     repetition=sum(map(repetition_rate, run.outputs)) / max(len(run.outputs), 1),
+                    exact_match=run.exact_match,
                 )
             )
     return rows

@@ -18,6 +18,10 @@ Two ways to compute the same quantities:
   for each state. Every state of the block is trained in that single pass, and the fixed-point
   segment doubles as the AR sequence and the global target.
 
+Jacobi Forcing's objective (`forcing_losses`, on a `cllm.forcing.ForcingBatch`) uses the same
+distances and AR loss: in one forward over prompt + (noisy, clean) block pairs with the
+noisy-context mask, each noisy logit learns the detached clean logit at its position.
+
 Losses are token means over the batch; `LossTerms` keeps sums and counts so that any split of
 the same states (packed or not) adds up to the same value.
 """
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from cllm.collate import PackedBatch, SequenceBatch, StateBatch
+from cllm.forcing import ForcingBatch
 from cllm.metrics import IGNORE
 
 LossKind = Literal["global", "local"]
@@ -220,6 +225,27 @@ def packed_losses(model: torch.nn.Module, batch: PackedBatch, config: LossConfig
     return _combine(consistency, ar, config, states=int(students.sum()))
 
 
+def forcing_losses(model: torch.nn.Module, batch: ForcingBatch, config: LossConfig) -> LossOutput:
+    """Jacobi Forcing's losses for whole responses in one forward (see `cllm.forcing`). Its
+    target is always the clean block, so `config.kind` does not apply."""
+    logits = model(
+        input_ids=batch.input_ids,
+        attention_mask=_additive_mask(batch.attention_allowed, _parameter_dtype(model)),
+        position_ids=batch.position_ids,
+        use_cache=False,
+    ).logits
+    vocab = logits.shape[-1]
+    student_logits = logits.gather(1, batch.student_index[:, :, None].expand(-1, -1, vocab))
+    target_logits = logits.gather(1, batch.target_index[:, :, None].expand(-1, -1, vocab))
+    consistency = consistency_distance(student_logits, target_logits, batch.target_tokens, batch.trained,
+                                       config.distance)
+    if config.ar_target == "labels":
+        ar = _label_loss(model, batch.label_sequences)
+    else:  # the clean blocks, read off the same forward
+        ar = next_token_loss(logits, batch.ar_labels)
+    return _combine(consistency, ar, config, states=int(batch.noisy_states.sum()))
+
+
 def _label_loss(model: torch.nn.Module, label_sequences: SequenceBatch | None) -> LossTerms:
     if label_sequences is None:
         raise ValueError("ar_target='labels' needs batches collated with labels=True")
@@ -231,8 +257,12 @@ def _combine(consistency: LossTerms, ar: LossTerms, config: LossConfig, states: 
     return LossOutput(loss=loss, consistency=consistency, ar=ar, states=states)
 
 
-def compute_losses(model: torch.nn.Module, batch: StateBatch | PackedBatch, config: LossConfig) -> LossOutput:
-    """The training loss of one collated batch, packed or one state per row."""
+def compute_losses(model: torch.nn.Module, batch: StateBatch | PackedBatch | ForcingBatch,
+                   config: LossConfig) -> LossOutput:
+    """The training loss of one collated batch: CLLM's, packed or one state per row, or Jacobi
+    Forcing's."""
+    if isinstance(batch, ForcingBatch):
+        return forcing_losses(model, batch, config)
     if isinstance(batch, PackedBatch):
         return packed_losses(model, batch, config)
     return state_losses(model, batch, config)

@@ -251,8 +251,8 @@ def load_prompts(
     """Tokenized prompts from `spec`, and the rows that were skipped with their reasons.
 
     `spec` is a file, directory or glob (local or a URI such as `s3://bucket/prompts/*.jsonl`),
-    or a toy source: `toy`, `toy:heldout`, `toy-math:train`, `toy-code:heldout`, ... (split
-    defaults to train). Raises FileNotFoundError for a missing source, ValueError for an unknown
+    or a toy source: `toy`, `toy:heldout`, `toy-math:train`, `toy-sql:heldout`, `toy-code:heldout`,
+    ... (split defaults to train). Raises FileNotFoundError for a missing source, ValueError for an unknown
     format or a file whose format cannot be detected, BadRowError for a bad row when `strict`."""
     if format not in FORMATS:
         raise ValueError(f"unknown prompt format {format!r}; choose from {', '.join(FORMATS)}")

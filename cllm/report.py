@@ -27,14 +27,15 @@ def _cell(value: float | None, digits: int = 2, percent: bool = False) -> str:
 def markdown_table(rows: Sequence[ReportRow]) -> str:
     """The rows as a Markdown table in the spirit of the paper's Table 1."""
     header = (
-        "| model | decoding | n | TPF | tokens/s | speedup | accuracy | identical to baseline "
+        "| model | decoding | n | TPF | tokens/s | speedup | accuracy | exact match | identical to baseline "
         "| common prefix | held-out loss | repetition | fast-fwd/block | stationary/block |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
         f"| {r.model} | {r.decoding} | {r.n_token} | {_cell(r.tokens_per_forward)} "
         f"| {_cell(r.tokens_per_second, 1)} | {_cell(r.speedup)}× | {_cell(r.accuracy, percent=True)} "
-        f"| {_cell(r.agreement_with_baseline, percent=True)} | {_cell(r.common_prefix_with_baseline, percent=True)} "
+        f"| {_cell(r.exact_match, percent=True)} | {_cell(r.agreement_with_baseline, percent=True)} "
+        f"| {_cell(r.common_prefix_with_baseline, percent=True)} "
         f"| {_cell(r.heldout_loss, 3)} | {_cell(r.repetition, percent=True)} "
         f"| {_cell(r.fast_forwarded_per_block)} | {_cell(r.stationary_per_block)} |"
         for r in rows

@@ -57,9 +57,10 @@ SUMMARY_SCHEMA = pa.schema([
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy", help="hub id, local or s3:// directory, or toy / toy-math / toy-code")
+    parser.add_argument("--model", default="toy",
+                        help="hub id, local or s3:// directory, or toy / toy-math / toy-sql / toy-code")
     parser.add_argument("--prompts", default="toy:train",
-                        help="file, directory, glob or s3:// URI, or toy[-math|-code][:train|:heldout]")
+                        help="file, directory, glob or s3:// URI, or toy[-math|-sql|-code][:train|:heldout]")
     parser.add_argument("--format", default="auto", choices=FORMATS)
     parser.add_argument("--output", default="runs/trajectories", help="directory or s3://bucket/prefix")
     parser.add_argument("--n-token", type=int, default=16)

@@ -6,8 +6,9 @@
 For every model: AR and Jacobi tokens/s timed side by side in this one process (warm-up first,
 the same batches, every model and method taking turns batch by batch), tokens per forward,
 speedup over the baseline model's AR, fast-forwarded and stationary tokens per block, and quality
-(exact-answer accuracy where the task has one, agreement with the baseline's greedy output,
-held-out loss on reference answers). Writes report.json, report.md and PNG plots into --output.
+(the task metric where there is one: exact final answers for toy math, execution accuracy and
+exact match for toy SQL; agreement with the baseline's greedy output; held-out loss on reference
+answers). Writes report.json, report.md and PNG plots into --output.
 One process keeps the timing fair, so there is no Ray here.
 """
 
@@ -26,6 +27,7 @@ from cllm.evaluation import (
     ReportRow,
     RunResult,
     compare_decoding,
+    exact_match_metric,
     score_task,
     task_metric,
 )
@@ -129,7 +131,9 @@ def measure_quality(loaded: LoadedModel, runs: list[RunResult], config: Evaluate
         contender.model, contender.prompts, labels, batch_size=max(config.batch_size, 8)
     )
     references = [record.answer for record in records]
-    score_task(evaluation, task_metric(config.prompts, decode, references))
+    prompts = [record.prompt for record in records]
+    score_task(evaluation, task_metric(config.prompts, decode, references, prompts),
+               exact_match_metric(config.prompts, decode, references))
     return evaluation
 
 

@@ -3,6 +3,11 @@
     ray job submit --working-dir . -- python pipelines/train.py \
         --model toy --trajectories runs/demo/trajectories --output runs/demo/cllm
 
+`--objective jacobi-forcing` trains Jacobi Forcing's progressive-noise objective instead of CLLM's
+consistency loss (`cllm.forcing`): the rows of each prompt are grouped into one response record
+(Ray Data groupby) and each batch packs whole responses with the noisy-context mask; the same loop
+optimises it.
+
 Recipe: parse flags -> check the inputs (shard footers, schema, vocab, DeepSpeed config; before
 any worker starts) -> check the cluster can hold the workers -> Ray Data reads the shards (before
 the workers take their CPUs, so ingest never waits for one), a TorchTrainer runs `train_loop`
@@ -37,6 +42,7 @@ from ray.train.torch import TorchTrainer
 
 from cllm.collate import batch_tokens, collate
 from cllm.data import ROW_FIELDS, TrajectoryFormatError, TrajectoryRow, summarize_shards
+from cllm.forcing import NoiseSchedule, collate_forcing, group_responses
 from cllm.hf import load_model, model_facts
 from cllm.losses import AR_TARGETS, DISTANCES, LOSS_KINDS, LossConfig, compute_losses
 from cllm.progress import Progress
@@ -52,6 +58,7 @@ DEFAULT_DEEPSPEED = os.path.join(REPO_ROOT, "cluster", "deepspeed", "zero2.json"
 REPORT_POLL_INTERVAL_S = "0.1"
 RUN_NAME = "train"  # Ray Train run directory under --output; a rerun with the same output resumes it
 LR_SCHEDULES = ("cosine", "constant")
+OBJECTIVES = ("consistency", "jacobi-forcing")
 
 
 class InputError(ValueError):
@@ -80,13 +87,15 @@ class TrainSettings:
     checkpoint_every: int
     pad_token_id: int
     gradient_checkpointing: bool = False
+    noise: NoiseSchedule | None = None  # set: Jacobi Forcing's objective on whole responses
     verbose: bool = False  # a line per optimizer step instead of a progress line
     fault_marker: str | None = None  # tests only (cllm_pipelines.common.fault_marker)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy", help="hub id, local or s3:// directory, or toy / toy-math / toy-code")
+    parser.add_argument("--model", default="toy",
+                        help="hub id, local or s3:// directory, or toy / toy-math / toy-sql / toy-code")
     parser.add_argument("--trajectories", default="runs/demo/trajectories", help="shard directory or s3:// URI")
     parser.add_argument("--output", default="runs/demo/cllm", help="directory or s3:// URI (checkpoints, hf/)")
     parser.add_argument("--workers", type=int, default=2, help="training workers, one CPU (or GPU) each")
@@ -95,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
                         help="auto: use GPUs when the cluster has them")
     parser.add_argument("--deepspeed", default=DEFAULT_DEEPSPEED, help="DeepSpeed JSON config (ZeRO stage, ...)")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="consistency",
+                        help="consistency: CLLM's loss (default); jacobi-forcing: progressive noise, whole responses")
+    parser.add_argument("--noise-window", type=int, default=4,
+                        help="jacobi-forcing: blocks per window of the progressive noise schedule (default 4)")
+    parser.add_argument("--min-noise", type=float, default=0.0, help="jacobi-forcing: noise of a window's first block")
+    parser.add_argument("--max-noise", type=float, default=1.0, help="jacobi-forcing: noise of a window's last block")
     parser.add_argument("--loss", choices=LOSS_KINDS, default="global")
     parser.add_argument("--distance", choices=DISTANCES, default="fkl")
     parser.add_argument("--ar-weight", type=float, default=10.0)
@@ -106,7 +121,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="cosine: linear warmup, then cosine decay to 0 at the last step (default); constant")
     parser.add_argument("--warmup-fraction", type=float, default=0.03,
                         help="fraction of the steps spent warming up (cosine only; default 0.03)")
-    parser.add_argument("--batch-size", type=int, default=4, help="rows (blocks) per worker per micro-batch")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="rows (blocks; responses for jacobi-forcing) per worker per micro-batch")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
@@ -162,15 +178,34 @@ def check_trajectories(uri: str, options: dict, vocab_size: int, ar_target: str)
 
 
 class TrajectoryCollate(ArrowBatchCollateFn):
-    """Ray Data batch (Arrow) -> `cllm.collate` batch."""
+    """Ray Data batch (Arrow) -> `cllm.collate` batch, or `cllm.forcing` batch of responses."""
 
-    def __init__(self, pad_token_id: int, packed: bool, labels: bool, seed: int):
-        self.pad_token_id, self.packed, self.labels = pad_token_id, packed, labels
+    def __init__(self, pad_token_id: int, packed: bool, labels: bool, seed: int, noise: NoiseSchedule | None = None):
+        self.pad_token_id, self.packed, self.labels, self.noise = pad_token_id, packed, labels, noise
         self.rng = random.Random(seed)
 
     def __call__(self, batch: pa.Table):
+        if self.noise is not None:  # one record per response (see `response_record`)
+            responses = [response_rows(record) for record in batch.to_pylist()]
+            return collate_forcing(responses, self.pad_token_id, self.noise, rng=self.rng, labels=self.labels)
         rows = [TrajectoryRow.from_mapping(row) for row in batch.to_pylist()]
         return collate(rows, self.pad_token_id, packed=self.packed, labels=self.labels, rng=self.rng)
+
+
+def response_record(group: pa.Table) -> pa.Table:
+    """Every row of one prompt (a Ray Data group) as one record holding its blocks; a prompt with
+    a missing block fails here, naming it."""
+    table = group.select(list(ROW_FIELDS))
+    blocks = table.to_pylist()
+    group_responses([TrajectoryRow.from_mapping(block) for block in blocks])
+    # The shards' own types, so that every record has the same schema (a null column included)
+    blocks_type = pa.list_(pa.struct(list(table.schema)))
+    return pa.table({"prompt_id": [blocks[0]["prompt_id"]], "blocks": pa.array([blocks], type=blocks_type)})
+
+
+def response_rows(record: dict) -> list[TrajectoryRow]:
+    """The blocks of a `response_record`, in order."""
+    return group_responses([TrajectoryRow.from_mapping(block) for block in record["blocks"]])[0]
 
 
 @dataclass
@@ -215,6 +250,21 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> t
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: warmup_cosine((step + 1) / (settings.total_steps + 1), settings.warmup_fraction)
     )
+
+
+def objective_schedule(args: argparse.Namespace) -> NoiseSchedule | None:
+    """The noise schedule for --objective jacobi-forcing (None for consistency), after checking
+    that the other flags fit it."""
+    if args.objective != "jacobi-forcing":
+        return None
+    if not args.packed:
+        raise InputError("--objective jacobi-forcing always packs a response's blocks: drop --no-packed")
+    if args.loss != "global":
+        raise InputError("--objective jacobi-forcing learns the clean block (a global target): drop --loss local")
+    try:
+        return NoiseSchedule(window=args.noise_window, min_noise=args.min_noise, max_noise=args.max_noise)
+    except ValueError as error:
+        raise InputError(f"--noise-window/--min-noise/--max-noise: {error}") from error
 
 
 def total_steps(rows: int, args: argparse.Namespace) -> int:
@@ -268,7 +318,7 @@ def train_loop(config: dict[str, Any]) -> None:
             break
         collate_fn = TrajectoryCollate(
             settings.pad_token_id, settings.packed, settings.loss.ar_target == "labels",
-            seed=settings.seed * 100_003 + epoch * 1009 + rank,
+            seed=settings.seed * 100_003 + epoch * 1009 + rank, noise=settings.noise,
         )
         batches = shard.iter_torch_batches(
             batch_size=settings.batch_size, collate_fn=collate_fn, drop_last=True,
@@ -435,21 +485,14 @@ def main(argv: list[str] | None = None) -> int:
         facts = model_facts(args.model)
         shards, rows = check_trajectories(args.trajectories, options, facts.vocab_size, args.ar_target)
         loss = LossConfig(kind=args.loss, distance=args.distance, ar_weight=args.ar_weight, ar_target=args.ar_target)
+        noise = objective_schedule(args)
         if rows < args.workers * args.batch_size:
             raise InputError(f"{rows} rows cannot fill a batch of {args.batch_size} on {args.workers} workers")
     except (InputError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"{rows} trajectory rows in {len(shards)} shards; model {args.model} (vocab {facts.vocab_size})", flush=True)
-
-    settings = TrainSettings(
-        model=args.model, output=output, s3_endpoint=args.s3_endpoint, deepspeed_config=deepspeed_config,
-        loss=loss, packed=args.packed, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
-        lr_schedule=args.lr_schedule, warmup_fraction=args.warmup_fraction, total_steps=total_steps(rows, args),
-        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, pad_token_id=facts.pad_id,
-        gradient_checkpointing=args.gradient_checkpointing, verbose=args.verbose, fault_marker=fault_marker(),
-    )
+    print(f"{rows} trajectory rows in {len(shards)} shards; model {args.model} (vocab {facts.vocab_size}); "
+          f"objective {args.objective}", flush=True)
 
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
     init_ray(min_logical_cpus=args.workers)
@@ -463,7 +506,27 @@ def main(argv: list[str] | None = None) -> int:
     # Read now, while no worker holds a CPU: Ray Data excludes the training workers' resources
     # from its own budget, so on a cluster whose CPUs all go to workers a streaming read would
     # wait forever. Trajectories are small next to the model, so the object store holds them.
-    dataset = ray.data.read_parquet(shards, filesystem=data_filesystem).select_columns(list(ROW_FIELDS)).materialize()
+    dataset = ray.data.read_parquet(shards, filesystem=data_filesystem).select_columns(list(ROW_FIELDS))
+    if noise is not None:  # Jacobi Forcing trains whole responses: one record per prompt
+        # As many shuffle partitions as the cluster has CPUs (Ray's default, 200, is for big clusters).
+        partitions = min(len(shards), max(1, int(ray.cluster_resources().get("CPU", 1))))
+        dataset = dataset.groupby("prompt_id", num_partitions=partitions).map_groups(
+            response_record, batch_format="pyarrow")
+    dataset = dataset.materialize()
+    records = dataset.count() if noise is not None else rows
+    if records < args.workers * args.batch_size:
+        print(f"error: {records} responses cannot fill a batch of {args.batch_size} on {args.workers} workers",
+              file=sys.stderr)
+        return 2
+    settings = TrainSettings(
+        model=args.model, output=output, s3_endpoint=args.s3_endpoint, deepspeed_config=deepspeed_config,
+        loss=loss, packed=args.packed, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+        lr_schedule=args.lr_schedule, warmup_fraction=args.warmup_fraction, total_steps=total_steps(records, args),
+        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, pad_token_id=facts.pad_id,
+        gradient_checkpointing=args.gradient_checkpointing, noise=noise, verbose=args.verbose,
+        fault_marker=fault_marker(),
+    )
     storage_filesystem, storage_path = ray_filesystem(output, options)
     trainer = TorchTrainer(
         train_loop,

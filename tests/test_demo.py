@@ -84,6 +84,25 @@ def test_budgets_and_stage_arguments(tmp_path, monkeypatch):
         parse_args([])
 
 
+def test_the_domain_picks_teacher_prompts_output_and_budget(tmp_path, monkeypatch):
+    from cllm_pipelines.demo import DOMAIN_BUDGETS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BUDGET", raising=False)
+    math = parse_args([])
+    assert (math.domain, math.model, math.heldout_prompts) == ("math", "toy", "toy:heldout")
+    assert math.output == (tmp_path / "runs" / "demo").resolve()
+    sql = parse_args(["--domain", "sql"])
+    assert (sql.model, sql.train_prompts, sql.heldout_prompts) == ("toy-sql", "toy-sql:train", "toy-sql:heldout")
+    assert sql.output == (tmp_path / "runs" / "demo-sql").resolve() and sql.budget == DOMAIN_BUDGETS["sql"]["quick"]
+    stages = {stage.name: stage for stage in build_stages(sql)}
+    evaluate = stages["evaluate"].settings["args"]
+    assert evaluate[evaluate.index("--prompts") + 1] == "toy-sql:heldout"
+    assert parse_args(["--domain", "sql", "--budget", "tiny"]).budget == BUDGETS["tiny"]
+    with pytest.raises(SystemExit):
+        parse_args(["--domain", "poetry"])
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     """The real loop (collect and train on a local Ray, DeepSpeed on 2 CPU workers, evaluate) at

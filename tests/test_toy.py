@@ -13,8 +13,9 @@ from cllm.hf import load_model
 from cllm.metrics import repetition_rate
 from cllm.toy import code as toy_code
 from cllm.toy import math as toy_math
-from cllm.toy import teacher
-from cllm.toy.tasks import check_answer, toy_prompts
+from cllm.toy import sql as toy_sql
+from cllm.toy import sql_schema, teacher
+from cllm.toy.tasks import check_answer, exact_match, toy_prompts
 
 # A teacher that builds in seconds: the real pipeline (tokenizer, training, held-out loss, save)
 # with a toy-sized model and budget.
@@ -229,7 +230,99 @@ def test_toy_names_are_parsed_in_one_place():
     assert toy.parse_toy_name("toy") == toy.ToyName("math", "train")
     assert toy.parse_toy_name("toy-code:heldout") == toy.ToyName("code", "heldout")
     assert toy.parse_toy_name("toy-math:train") == toy.ToyName("math", "train")
+    assert toy.parse_toy_name("toy-sql:heldout") == toy.ToyName("sql", "heldout")
     for other in ("Qwen/Qwen2.5-0.5B", "runs/demo/cllm/hf", "s3://bucket/model", "toys", "toy-poetry"):
         assert toy.parse_toy_name(other) is None
     with pytest.raises(ValueError, match="split"):
         toy.parse_toy_name("toy:dev")
+
+
+# -- toy sql ------------------------------------------------------------------------------------
+
+
+def test_sql_prompts_are_spider_style_stable_and_split_by_question():
+    train = toy_prompts("train", "sql", limit=1000)
+    heldout = toy_prompts("heldout", "sql", limit=100)
+    assert heldout == toy_prompts("heldout", "sql", limit=100)  # deterministic
+    assert [p.prompt_id for p in train[:50]] == [p.prompt_id for p in toy_prompts("train", "sql", limit=50)]
+    questions = {split: {p.prompt.split("\nQuestion: ")[1].removesuffix("\nSQL:") for p in prompts}
+                 for split, prompts in (("train", train), ("heldout", heldout))}
+    assert not questions["train"] & questions["heldout"]  # no held-out question is ever trained on
+    assert all(toy_sql.is_heldout(q) for q in questions["heldout"])
+    assert len({p.prompt for p in heldout}) == 100
+    for p in heldout[:50]:
+        assert p.prompt.startswith(toy_sql.PROMPT_HEADER) and p.prompt.endswith("\nSQL:")
+        assert p.answer.startswith(" SELECT ") and p.domain == "sql" and p.split == "heldout"
+        tables = sql_schema.parse_schema(toy_sql.prompt_schema(p.prompt))
+        assert 2 <= len(tables) <= 4
+        assert sql_schema.render_schema(tables) == toy_sql.prompt_schema(p.prompt)  # the schema text round-trips
+
+
+def test_sql_covers_every_query_family_and_gold_sql_always_executes():
+    prompts = toy_prompts("train", "sql", limit=400) + toy_prompts("heldout", "sql", limit=100)
+    empty = 0
+    for p in prompts:
+        connection = sql_schema.build_database(toy_sql.prompt_schema(p.prompt))
+        result = toy_sql.run_query(connection, p.answer)
+        assert result is not None, p.answer  # runs on the database the prompt's schema describes
+        empty += not result
+        assert check_answer("sql", p.answer, p.answer, p.prompt) is True
+    assert empty < len(prompts) * 0.05  # values come from the rows, so results are rarely empty
+    answers = " ".join(p.answer for p in prompts)
+    for clause in ("WHERE", "COUNT(*)", "AVG(", "MAX(", "MIN(", "ORDER BY", "LIMIT", "GROUP BY", " JOIN "):
+        assert clause in answers, clause
+    # typed columns and a real foreign key in the database
+    schema = toy_sql.prompt_schema(next(p.prompt for p in prompts if " JOIN " in p.answer))
+    connection = sql_schema.build_database(schema)
+    foreign = [row for table in sql_schema.parse_schema(schema)
+               for row in connection.execute(f"PRAGMA foreign_key_list({table.name})").fetchall()]
+    assert foreign
+
+
+SCHEMA = "- pupils(id, name, age, city)\n- tests(id, student_id -> pupils.id, subject, score)"
+PROMPT = toy_sql.sql_prompt(SCHEMA, "How many students are there?")
+
+
+def test_sql_scorer_runs_the_queries():
+    def right(generated: str, reference: str) -> bool:
+        return check_answer("sql", generated, reference, PROMPT)
+
+    cities = "SELECT city FROM pupils"
+    assert right(" SELECT city FROM pupils", cities)
+    assert right("select CITY from PUPILS;", cities)  # SQL is case-insensitive; a ';' is fine
+    assert right("SELECT city FROM pupils ORDER BY age", cities)  # row order only counts with ORDER BY
+    assert right("SELECT city FROM pupils WHERE id > 0\nand then some text", cities)  # the first line is the query
+    assert not right("SELECT DISTINCT city FROM pupils", cities)  # duplicates count
+    ordered = "SELECT name FROM pupils ORDER BY age DESC, id"
+    assert right("SELECT name FROM pupils ORDER BY age DESC, id", ordered)
+    assert not right("SELECT name FROM pupils ORDER BY age ASC, id DESC", ordered)  # same rows, other order
+    for broken in ("SELEC city FROM pupils", "SELECT city FROM students", "", "DROP TABLE pupils",
+                   "SELECT 1; SELECT 2", "DELETE FROM pupils", "SELECT city FROM pupils WHERE name = 'Tom"):
+        assert not right(broken, cities), broken  # wrong, never a crash
+    runaway = "SELECT COUNT(*) FROM pupils, tests AS a, tests AS b, tests AS c, tests AS d, tests AS e"
+    assert not right(runaway, "SELECT COUNT(*) FROM pupils")  # interrupted, not waited for
+    with pytest.raises(ValueError, match="prompt"):
+        check_answer("sql", cities, cities)
+
+
+def test_sql_exact_match_normalizes_whitespace_and_case_outside_literals():
+    reference = " SELECT COUNT(*) FROM pupils WHERE city = 'Oslo'"
+    assert exact_match("sql", "select  count(*) from pupils where city = 'Oslo';", reference)
+    assert not exact_match("sql", "SELECT COUNT(*) FROM pupils WHERE city = 'oslo'", reference)
+    assert not exact_match("sql", "SELECT COUNT(id) FROM pupils WHERE city = 'Oslo'", reference)
+    assert exact_match("math", "The answer is 7.", "The answer is 7.") is None
+
+
+def test_a_tiny_sql_teacher_learns_above_chance(tmp_path):
+    """The real build pipeline on toy SQL at a toy size: the held-out answer loss ends far below
+    both chance (a uniform guess over the vocabulary) and the untrained model's."""
+    import math
+
+    config = dataclasses.replace(TINY, domain="sql", train_tokens=24_000, eval_prompts=8)
+    model, tokenizer = teacher.load_toy("sql", config, cache_dir=tmp_path)
+    prompts = toy_prompts("heldout", "sql", limit=8)
+    trained = teacher.toy_build_info("sql", tmp_path)["heldout_answer_loss"]
+    untrained = teacher.heldout_loss(teacher.new_teacher(config, tokenizer), tokenizer, prompts, config.max_length)
+    assert trained < math.log(len(tokenizer)) - 2.0
+    assert trained < untrained - 2.0
+    assert tokenizer(prompts[0].prompt)["input_ids"][0] == tokenizer.bos_token_id

@@ -90,6 +90,28 @@ def test_input_checks_stop_before_any_worker(tiny_run_inputs, tmp_path, capsys):
     assert "--warmup-fraction" in run_checks(capsys, *base, "--trajectories", str(shards), "--warmup-fraction", "1")
 
 
+def test_jacobi_forcing_flags_are_checked_before_any_worker(tiny_run_inputs, tmp_path, capsys):
+    model, shards = tiny_run_inputs
+    base = ["--model", str(model), "--output", str(tmp_path / "out"), "--trajectories", str(shards),
+            "--objective", "jacobi-forcing"]
+    assert "drop --no-packed" in run_checks(capsys, *base, "--no-packed")
+    assert "drop --loss local" in run_checks(capsys, *base, "--loss", "local")
+    assert "window" in run_checks(capsys, *base, "--noise-window", "0")
+    assert "max_noise" in run_checks(capsys, *base, "--min-noise", "0.8", "--max-noise", "0.5")
+
+
+def test_a_response_record_holds_every_block_of_its_prompt():
+    """What Ray Data's groupby hands Jacobi Forcing: one record per prompt, its blocks in order,
+    typed as in the shards; a prompt with a missing block is refused by name."""
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    table = rows_to_table(trajectory_rows(model, PROMPTS[:1], n_token=N_TOKEN, max_new_tokens=12))
+    record = train.response_record(table.take([2, 0, 1]))
+    assert record.num_rows == 1 and record.schema.field("blocks").type.value_type.num_fields == table.num_columns
+    assert [row.block_index for row in train.response_rows(record.to_pylist()[0])] == [0, 1, 2]
+    with pytest.raises(ValueError, match="p0"):
+        train.response_record(table.take([0, 2]))
+
+
 def test_a_model_at_an_s3_uri_passes_the_input_checks(tiny_run_inputs, s3_server, tmp_path, capsys, monkeypatch):
     """Train reads the model reference the way collect, evaluate and serve do (cllm.hf): an s3://
     model directory is fine, and its facts (here the vocabulary) are the checked ones."""

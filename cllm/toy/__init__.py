@@ -1,6 +1,6 @@
 """The toy setting: tasks and tiny teachers that the project builds itself, so everything runs
-offline. This module is the one home of toy names: `toy`, `toy-math`, `toy-code`, each optionally
-with a split, as in `toy-math:heldout`.
+offline. This module is the one home of toy names: `toy`, `toy-math`, `toy-code`, `toy-sql`, each
+optionally with a split, as in `toy-math:heldout`.
 
 - `cllm.toy.tasks`: the task generators, splits, prompts and answer checking (light, no model);
 - `cllm.toy.teacher`: the teacher's tokenizer, training and cached build (imports transformers).
@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-DOMAINS = ("math", "code")
+DOMAINS = ("math", "code", "sql")
 DEFAULT_DOMAIN = "math"
 SPLITS = ("train", "heldout")
 TOY_NAMES = ("toy", *(f"toy-{domain}" for domain in DOMAINS))
@@ -28,7 +28,7 @@ class ToyPrompt:
     answer: str
     domain: str
     split: str
-    source: str = ""  # code: "<stdlib file>:<function>"; math: the generator's name
+    source: str = ""  # code: "<stdlib file>:<function>"; math, sql: the generator's name
 
 
 def stable_hash(text: str) -> int:

@@ -5,31 +5,48 @@ from __future__ import annotations
 from cllm.toy import SPLITS, ToyPrompt, resolve_domain
 from cllm.toy import code as code_task
 from cllm.toy import math as math_task
+from cllm.toy import sql as sql_task
 
 
 def toy_prompts(split: str = "train", domain: str | None = None, limit: int | None = None,
                 seed: int = 0) -> list[ToyPrompt]:
     """Prompts of a toy domain's split, each with its reference answer, in a fixed order.
 
-    math: a fixed number of distinct generated problems (any `limit` works: the generator is
-    endless). code: every extracted pair of the split's modules."""
+    math, sql: a fixed number of distinct generated prompts (any `limit` works: the generators
+    are endless). code: every extracted pair of the split's modules."""
     domain = resolve_domain(domain)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     if domain == "math":
         return math_task.prompts(split, limit, seed)
+    if domain == "sql":
+        return sql_task.prompts(split, limit, seed)
     return code_task.prompts(split, limit)
 
 
 def has_task_metric(domain: str | None) -> bool:
     """Whether `check_answer` scores the domain (code has no task metric)."""
-    return resolve_domain(domain) == "math"
+    return resolve_domain(domain) in ("math", "sql")
 
 
-def check_answer(domain: str | None, generated_text: str, reference_answer: str) -> bool | None:
+def check_answer(domain: str | None, generated_text: str, reference_answer: str,
+                 prompt: str | None = None) -> bool | None:
     """The domain's task metric on one output: math, whether the final number matches the
-    reference; None for a domain without a metric (code)."""
+    reference; sql, whether the query returns the reference's result on the database of the
+    `prompt`'s schema (execution accuracy; required for sql); None for a domain without a metric."""
     domain = resolve_domain(domain)
     if domain == "math":
         return math_task.check_answer(generated_text, reference_answer)
+    if domain == "sql":
+        if prompt is None:
+            raise ValueError("toy-sql answers are checked on the database of their prompt's schema: pass prompt")
+        return sql_task.execution_match(generated_text, reference_answer, prompt)
     return None
+
+
+def exact_match(domain: str | None, generated_text: str, reference_answer: str) -> bool | None:
+    """Spider's second metric, for sql: the query equals the reference up to whitespace and the
+    case outside string literals. None for the other domains."""
+    if resolve_domain(domain) != "sql":
+        return None
+    return sql_task.exact_match(generated_text, reference_answer)

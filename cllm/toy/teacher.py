@@ -31,6 +31,7 @@ from cllm.schedule import warmup_cosine
 from cllm.toy import DEFAULT_DOMAIN, DOMAINS, TOY_VERSION, ToyPrompt, resolve_domain
 from cllm.toy import code as code_task
 from cllm.toy import math as math_task
+from cllm.toy import sql as sql_task
 from cllm.toy.tasks import toy_prompts
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -78,6 +79,11 @@ def default_config(domain: str | None = None) -> ToyConfig:
         # learns no faster per token and runs slower; a smaller budget leaves answers wrong.
         return ToyConfig(domain="math", hidden_size=192, intermediate_size=512, batch_size=32,
                          train_tokens=5_000_000)
+    if domain == "sql":
+        # The math teacher's size. A larger vocabulary than math's makes every table, column and
+        # keyword one token, as in the schema so in the query, which keeps copying them simple.
+        return ToyConfig(domain="sql", vocab_size=768, hidden_size=192, intermediate_size=512, batch_size=32,
+                         train_tokens=5_000_000)
     # Code is slow per token on a CPU at this size and context: 1M tokens fits the ~10 minute
     # build budget, and the teacher stays weak and loopy.
     return ToyConfig(
@@ -96,9 +102,12 @@ def default_config(domain: str | None = None) -> ToyConfig:
 # -- tokenizer ---------------------------------------------------------------------------------
 
 
+_GENERATED = {"math": math_task, "sql": sql_task}  # domains whose training documents are generated
+
+
 def _tokenizer_corpus(config: ToyConfig) -> list[str]:
-    if config.domain == "math":
-        stream = math_task.training_documents(config.seed)
+    if config.domain in _GENERATED:
+        stream = _GENERATED[config.domain].training_documents(config.seed)
         examples = (next(stream) for _ in range(config.tokenizer_corpus_docs))
         return [example.prompt + example.answer for example in examples]
     pairs = [example.prompt + example.answer for example in code_task.corpus()["train"]]
@@ -106,11 +115,11 @@ def _tokenizer_corpus(config: ToyConfig) -> list[str]:
 
 
 def train_tokenizer(config: ToyConfig) -> PreTrainedTokenizerFast:
-    """Byte-level BPE on the domain's training split (digits split one by one for math), with
+    """Byte-level BPE on the domain's training split (digits split one by one for math and sql), with
     `<pad>`, `<bos>`, `<eos>`; encoding a text prepends `<bos>`."""
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    if config.domain == "math":
+    if config.domain in _GENERATED:
         # One token per digit keeps arithmetic learnable: no arbitrary multi-digit merges.
         tokenizer.pre_tokenizer = pre_tokenizers.Sequence(
             [pre_tokenizers.Digits(individual_digits=True), byte_level]
@@ -184,8 +193,8 @@ def _raw_chunks(tokenizer: PreTrainedTokenizerFast, max_length: int) -> list[_En
 
 def _training_documents(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -> Iterator[_Encoded]:
     """Endless, seeded stream of encoded training documents."""
-    if config.domain == "math":
-        for example in math_task.training_documents(config.seed):
+    if config.domain in _GENERATED:
+        for example in _GENERATED[config.domain].training_documents(config.seed):
             yield _encode(tokenizer, example, config.max_length)
         return
     pairs = [_encode(tokenizer, example, config.max_length) for example in code_task.corpus()["train"]]
