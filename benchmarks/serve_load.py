@@ -76,6 +76,7 @@ class LoadResult:
     load: str  # "C=8" or "R=4/s"
     requests: int
     errors: int = 0
+    first_error: str = ""  # what the first failed request said, so that errors explain themselves
     wall_s: float = 0.0
     completion_tokens: int = 0
     forwards: int = 0
@@ -105,6 +106,7 @@ class LoadResult:
             "load": self.load,
             "requests": self.requests,
             "errors": self.errors,
+            "first_error": self.first_error,
             "mismatches": self.mismatches,
             "tokens_per_s": round(self.tokens_per_s, 1),
             "ttft_p50_ms": round(percentile_ms(self.ttft_s, 0.5), 1),
@@ -156,8 +158,9 @@ async def send(client, model: str, request: LoadRequest, temperature: float,
                     tokens, forwards = event.completion_tokens, event.forwards
                 elif isinstance(event, (Rejected, Failed)):
                     raise RuntimeError(event.message)
-    except (openai.APIError, RuntimeError):
+    except (openai.APIError, RuntimeError) as error:
         result.errors += 1
+        result.first_error = result.first_error or f"{type(error).__name__}: {error}"[:300]
         return
     result.latencies_s.append(time.perf_counter() - started)
     result.ttft_s.append(first if first is not None else result.latencies_s[-1])
@@ -231,8 +234,9 @@ def measure(targets: list[tuple], api_key: str, model_name: str, shown_as: str, 
                     if probes[label]:
                         result.model_forwards += await probes[label]() - forwards_before
             for result in by_label.values():
+                first_error = f" (first: {result.first_error})" if result.errors else ""
                 print(f"{shown_as} {result.label} {name}: {result.tokens_per_s:.1f} tokens/s, "
-                      f"{result.errors} errors", flush=True)
+                      f"{result.errors} errors{first_error}", flush=True)
             results += by_label.values()
         for client in clients.values():
             if isinstance(client, openai.AsyncOpenAI):
