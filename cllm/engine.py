@@ -241,6 +241,7 @@ class Engine:
         for row in rows:
             row.length = 0
         logits = self._forward(rows, [row.prompt for row in rows], [len(row.prompt) - 1 for row in rows])
+        self._forbid_early_stops(rows, logits, [0] * len(rows))
         choices = self._choose(rows, logits, [[] for _ in rows])
         for index, row in enumerate(rows):
             row.length = len(row.prompt)
@@ -253,6 +254,7 @@ class Engine:
         rows = self._running
         try:
             logits = self._forward(rows, [row.feed for row in rows])
+            self._forbid_early_stops(rows, logits, [len(row.output) + row.cached + 1 for row in rows])
             choices = self._choose(rows, logits, [row.drafts for row in rows])
         except Exception as error:
             if not self.isolate_failures:
@@ -273,6 +275,15 @@ class Engine:
                 start = before + accepted + 2  # the first redrafted block position
                 fresh = choices.sampled_probs[index][accepted + 1 :]
                 row.draft_probs[start:] = fresh[: row.n_token - start]
+
+    @staticmethod
+    def _forbid_early_stops(rows: list[Row], logits: torch.Tensor, first_outputs: list[int]) -> None:
+        """`min_tokens`: the stop ids' logits become -inf at every position that predicts an output
+        token before the minimum (position j predicts output token first_outputs[i] + j)."""
+        for i, row in enumerate(rows):
+            early = min(row.params.min_tokens - first_outputs[i], logits.shape[1])
+            if early > 0 and row.params.eos_token_ids:
+                logits[i, :early, sorted(row.params.eos_token_ids)] = -float("inf")
 
     def _reset_draft_probs(self, row: Row, vocab: int) -> None:
         """Fixed guesses count as drawn from one-hot distributions."""

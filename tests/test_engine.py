@@ -206,3 +206,25 @@ def test_logprobs_equal_teacher_forced_logprobs(model, temperature, n_token):
         top_values, top_ids = forced.topk(3, dim=-1)
         assert [[token for token, _ in entry.top] for entry in logprobs] == top_ids.tolist()
         assert torch.allclose(torch.tensor([[v for _, v in entry.top] for entry in logprobs]), top_values, atol=1e-4)
+
+
+def test_min_tokens_masks_eos_like_generate_min_new_tokens(model):
+    """EOS is forbidden before `min_tokens` (its logits masked, as vLLM and HF do), in every
+    block position, so greedy Jacobi output equals `generate(min_new_tokens=...)` exactly."""
+    prompt = prompt_of(6, seed=11)
+    free = reference(model, prompt, 24)
+    first = next(k for k in range(2, 10) if free[k] not in free[:k])
+    eos = free[first]  # a greedy token's first appearance: without min_tokens the output ends there
+    for n_token in (1, 4, 8):
+        engine = Engine(model, max_rows=2)
+        early = engine.add_request(prompt, RequestParams(max_new_tokens=24, n_token=n_token,
+                                                         eos_token_ids=frozenset({eos})))
+        late = engine.add_request(prompt, RequestParams(max_new_tokens=24, n_token=n_token,
+                                                        eos_token_ids=frozenset({eos}), min_tokens=10))
+        finished = run_all(engine)
+        assert finished[early].tokens == free[: first + 1]
+        ids = torch.tensor([prompt])
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=10,
+                                  do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, len(prompt):].tolist()
+        expected = expected[: expected.index(eos) + 1] if eos in expected else expected
+        assert finished[late].tokens == expected and len(expected) > 10 and eos not in expected[:10]
