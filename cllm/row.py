@@ -45,6 +45,7 @@ class RequestParams:
     min_tokens: int = 0
     sampling: SamplingParams = SamplingParams()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (computed in the prefill)
     init: InitGuess = "prompt"
     return_trajectories: bool = False
 
@@ -57,8 +58,9 @@ class RequestParams:
             raise ValueError(f"init must be 'prompt' or 'repeat', got {self.init!r}")
         if not 0 <= self.min_tokens <= self.max_new_tokens:
             raise ValueError(f"min_tokens must lie in [0, max_new_tokens], got {self.min_tokens}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0 or None, got {self.logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {getattr(self, name)}")
 
 
 @dataclass
@@ -136,6 +138,7 @@ class Row:
         self.draws = 0  # iterations that drew random numbers so far (the sampling counter)
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         self.block: list[int] = []
         self.cached = 0  # leading block tokens whose keys/values are in the cache
         self.draft_probs: torch.Tensor | None = None  # (n, vocab): what each draft was drawn from

@@ -58,10 +58,11 @@ class Rejected:
 
 @dataclass(frozen=True)
 class LogprobEntry:
-    """One generated token's log-probability, with the token as text, and its alternatives."""
+    """One token's log-probability, with the token as text, and its alternatives (a prompt's
+    first token has none: None)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -79,6 +80,7 @@ class Finished:
     forwards: int
     index: int = 0
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
+    prompt_logprobs: tuple[LogprobEntry, ...] | None = None  # echo with logprobs: the prompt's tokens
     queue_s: float = field(default=0.0, compare=False)  # waiting for a slot in the engine
     first_token_s: float = field(default=0.0, compare=False)  # from submission to the first token
 
@@ -175,8 +177,15 @@ class TokenStream:
         top = tuple((self._token_text(token), value) for token, value in logprob.top)
         return LogprobEntry(self._token_text(logprob.token), logprob.logprob, top)
 
-    def finish(self, forwards: int) -> None:
-        """Called once the engine is done with the row (the forward count is final)."""
+    def finish(
+        self, forwards: int, prompt_ids: list[int] | None = None, prompt_logprobs: list[TokenLogprob] | None = None
+    ) -> None:
+        """Called once the engine is done with the row (the forward count is final), with the
+        prompt's log-probabilities when the row asked for them."""
+        prompt_entries = None
+        if prompt_ids and prompt_logprobs is not None:
+            first = LogprobEntry(self._token_text(prompt_ids[0]), None)  # nothing comes before it
+            prompt_entries = (first, *(self._entry(entry) for entry in prompt_logprobs))
         with self._lock:
             if self.finish_reason is None:  # cancelled rows end here too; nobody reads them
                 self.finish_reason = "length"
@@ -185,7 +194,8 @@ class TokenStream:
                     self._push(TextDelta(delta, self.index))
             first_token_s = self.first_token_s if self.first_token_s is not None else self.queue_s
             self._push(Finished(
-                self.finish_reason, len(self.ids), forwards, self.index, self.stop_reason, self.queue_s, first_token_s
+                self.finish_reason, len(self.ids), forwards, self.index, self.stop_reason, prompt_entries,
+                self.queue_s, first_token_s,
             ))
 
     def fail(self, message: str) -> None:
@@ -358,7 +368,7 @@ class EngineLoop:
             if request.finish_reason == "error":
                 job.stream.fail(_failure_message(request.error))
             else:
-                job.stream.finish(request.stats.forwards)
+                job.stream.finish(request.stats.forwards, job.prompt_ids, request.prompt_logprobs)
             if self._on_finished is not None:
                 try:
                     self._on_finished(request)

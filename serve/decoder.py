@@ -85,6 +85,7 @@ class DecodeRequest:
     top_k: int = 0
     n: int = 1
     logprobs: int | None = None  # alternatives per token; None: no log-probabilities
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo with logprobs)
 
 
 @dataclass(frozen=True)
@@ -252,6 +253,7 @@ class Decoder:
             min_tokens=min(request.min_tokens, max_tokens),
             sampling=SamplingParams(temperature=temperature, top_p=request.top_p, top_k=request.top_k, seed=seed),
             logprobs=request.logprobs,
+            prompt_logprobs=request.prompt_logprobs,
         )
         return EngineJob(prepared.prompt_ids[prompt], params, stream)
 

@@ -308,6 +308,9 @@ class Progress:
         for row in rows:
             self._metrics.record_row(row.completion_tokens, row.forwards, row.queue_s)
         self._metrics.prompt_tokens.inc(prompt_tokens)
+        if self.first_text is None and rows:  # not streamed: the decoder timed the first token
+            self.first_text = self.started + min(row.first_token_s for row in rows)
+            self._metrics.time_to_first_token.observe(self.first_text - self.started)
         tokens = max((row.completion_tokens for row in rows), default=0)
         if self.first_text is not None and tokens > 1:
             self._metrics.time_per_output_token.observe((time.monotonic() - self.first_text) / (tokens - 1))
@@ -431,7 +434,10 @@ def _choices_or_raise(events: Sequence[Event], choices: int) -> tuple[list[Choic
             texts[event.index].append(event.text)
             logprobs[event.index].extend(event.logprobs)
     return [
-        Choice(event.index, "".join(texts[event.index]), event.finish_reason, logprobs[event.index], event.stop_reason)
+        Choice(
+            event.index, "".join(texts[event.index]), event.finish_reason,
+            list(event.prompt_logprobs or ()) + logprobs[event.index], event.stop_reason,
+        )
         for event in finished
     ], finished
 
@@ -514,6 +520,7 @@ class OpenAIIngress:
             prompts=parsed.prompts,
             max_tokens=max_tokens,
             logprobs=parsed.logprobs,
+            prompt_logprobs=parsed.logprobs if parsed.echo else None,
             echo=bool(parsed.echo),
             **_decoding_fields(parsed),
         )

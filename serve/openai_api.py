@@ -2,10 +2,10 @@
 
 Requests are validated strictly for types; `null` means absent everywhere. Sampling
 (`temperature`, `top_p`, `seed`, vLLM's `top_k`), several choices (`n`), several prompts,
-`echo`, log-probabilities and vLLM's `stop_token_ids`, `ignore_eos`, `min_tokens` and
+`echo`, log-probabilities (of the prompt too, with `echo`) and vLLM's `stop_token_ids`, `ignore_eos`, `min_tokens` and
 `include_stop_str_in_output` are served. Fields that would change the output in a way this server
 cannot honour (penalties, logit_bias, best_of, suffix, tools, a non-text response_format, echo
-with logprobs) are accepted only at their neutral value and otherwise rejected with 400. Unknown
+with logprobs in a stream) are accepted only at their neutral value and otherwise rejected with 400. Unknown
 fields are accepted and logged, as vLLM does. `n_token` (the Jacobi block size) is this server's
 extension. An absent `temperature` means the server's default (greedy unless configured
 otherwise), not OpenAI's 1.
@@ -235,9 +235,9 @@ class CompletionRequest(_GenerationParameters):
         return self
 
     @model_validator(mode="after")
-    def _no_prompt_logprobs(self) -> CompletionRequest:
-        if self.echo and self.logprobs is not None:
-            raise ValueError("echo with logprobs (log-probabilities of the prompt) is not supported")
+    def _prompt_logprobs_not_streamed(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None and self.stream:
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is served without streaming only")
         return self
 
     @property
@@ -387,7 +387,7 @@ class TokenLogprobs(Protocol):
     and the likeliest alternatives as (text, value) pairs)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...]
 
 
@@ -412,7 +412,10 @@ def completion_logprobs(entries: Sequence[TokenLogprobs], text_offset: int = 0) 
     return {
         "tokens": [entry.token for entry in entries],
         "token_logprobs": [entry.logprob for entry in entries],
-        "top_logprobs": [dict(entry.top) | {entry.token: entry.logprob} for entry in entries],
+        # A prompt's first token (echo) has no log-probability: null, as OpenAI's.
+        "top_logprobs": [
+            None if entry.logprob is None else dict(entry.top) | {entry.token: entry.logprob} for entry in entries
+        ],
         "text_offset": offsets,
     }
 

@@ -228,3 +228,30 @@ def test_min_tokens_masks_eos_like_generate_min_new_tokens(model):
                                   do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, len(prompt):].tolist()
         expected = expected[: expected.index(eos) + 1] if eos in expected else expected
         assert finished[late].tokens == expected and len(expected) > 10 and eos not in expected[:10]
+
+
+def test_prompt_logprobs_equal_a_plain_forward_and_leave_the_output_unchanged(model):
+    """`prompt_logprobs`: each prompt token's log-probability given those before it (what
+    `echo` with `logprobs` returns), from the prefill; rows without it share their prefill."""
+    prompts = [prompt_of(7, seed=21), prompt_of(4, seed=22), prompt_of(9, seed=23)]
+    engine = Engine(model, max_rows=3)
+    ids = [
+        engine.add_request(prompts[0], RequestParams(max_new_tokens=5, n_token=4)),
+        engine.add_request(prompts[1], RequestParams(max_new_tokens=5, n_token=4, prompt_logprobs=2)),
+        engine.add_request(prompts[2], RequestParams(max_new_tokens=5, n_token=4, prompt_logprobs=0)),
+    ]
+    finished = run_all(engine)
+    assert finished[ids[0]].prompt_logprobs is None
+    for request_id, prompt, k in zip(ids[1:], prompts[1:], (2, 0)):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+        entries = finished[request_id].prompt_logprobs
+        assert [entry.token for entry in entries] == prompt[1:]
+        assert [entry.logprob for entry in entries] == pytest.approx(
+            expected.gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1).tolist(), abs=1e-4
+        )
+        assert all(len(entry.top) == k for entry in entries)
+        if k:
+            assert [entry.top[0][0] for entry in entries] == expected.argmax(-1).tolist()
+    for request_id, prompt in zip(ids, prompts):
+        assert finished[request_id].tokens == reference(model, prompt, 5)

@@ -454,6 +454,29 @@ def test_echo_nulls_unknown_fields_and_the_default_max_tokens(server):
 
 
 @slow
+def test_echo_with_logprobs_scores_the_prompt_like_a_plain_forward(server):
+    """What lm-evaluation-harness's loglikelihood requests send (local-completions): token ids,
+    echo, logprobs=1, max_tokens=1. The prompt's log-probabilities equal a plain forward's."""
+    reference = server.reference
+    prompts = [reference.ids("t5 t17 t42 t8"), reference.ids("t99 t3 t64")]
+    reply = server.client.completions.create(
+        model=MODEL_NAME, prompt=prompts, echo=True, logprobs=1, max_tokens=1, temperature=0
+    )
+    for choice, ids in zip(reply.choices, prompts, strict=True):
+        generated = reference.generate(ids, 1)
+        with torch.inference_mode():
+            logits = reference.model(input_ids=torch.tensor([ids + generated])).logits[0]
+        expected = logits.log_softmax(-1)[:-1].gather(-1, torch.tensor(ids[1:] + generated)[:, None]).squeeze(-1)
+        scores = choice.logprobs.token_logprobs
+        assert scores[0] is None and choice.logprobs.top_logprobs[0] is None  # nothing before the first
+        assert scores[1:] == pytest.approx(expected.tolist(), abs=1e-4)
+        assert choice.logprobs.tokens == [reference.tokenizer.decode([token]) for token in ids + generated]
+        greedy = [max(top.values()) == score for top, score in zip(choice.logprobs.top_logprobs[1:], scores[1:])]
+        assert greedy[-1]  # the generated token is the argmax (temperature 0)
+        assert choice.text == reference.tokenizer.decode(ids) + reference.tokenizer.decode(generated)
+
+
+@slow
 def test_stop_token_ids_ignore_eos_include_stop_and_stop_reason(server):
     reference = server.reference
     prompt = "t5 t17 t42"
@@ -544,7 +567,7 @@ def test_metrics_tokenize_detokenize_version_and_max_model_len(server):
         ({"model": MODEL_NAME, "prompt": "t5", "n": 17}, "n"),
         ({"model": MODEL_NAME, "prompt": "t5", "logprobs": 21}, "logprobs"),
         ({"model": MODEL_NAME, "prompt": "t5", "suffix": "t9"}, "suffix"),
-        ({"model": MODEL_NAME, "prompt": "t5", "echo": True, "logprobs": 1}, None),  # prompt log-probs
+        ({"model": MODEL_NAME, "prompt": "t5", "echo": True, "logprobs": 1, "stream": True}, None),
         ({"model": MODEL_NAME, "prompt": "t5", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": MODEL_NAME, "prompt": "t5", "stop": "x" * 257}, "stop"),
         ({"model": MODEL_NAME, "prompt": "t5", "max_tokens": 3, "min_tokens": 4}, None),
