@@ -19,7 +19,6 @@ import torch
 from cllm.engine import Engine, FinishedRequest
 from cllm.hf import as_id_set
 from cllm.row import InitGuess, RequestParams, RowStats
-from cllm.row import block_statistics as _block_statistics  # noqa: F401  (the old home; tests use it)
 from cllm.sampling import SamplingParams, TokenLogprob
 
 TokenCallback = Callable[[int, list[int]], "bool | None"]

@@ -191,14 +191,20 @@ def state_losses(model: torch.nn.Module, batch: StateBatch, config: LossConfig) 
     return _combine(consistency, ar, config, states=int(batch.has_target.sum()))
 
 
-def packed_losses(model: torch.nn.Module, batch: PackedBatch, config: LossConfig) -> LossOutput:
-    """Losses for every state of every row's block in one forward (see the module docstring)."""
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=_additive_mask(batch.attention_allowed, _parameter_dtype(model)),
-        position_ids=batch.position_ids,
+def _packed_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_allowed: torch.Tensor,
+                    position_ids: torch.Tensor) -> torch.Tensor:
+    """Logits of a packed sequence whose segments see only what `attention_allowed` lets them."""
+    return model(
+        input_ids=input_ids,
+        attention_mask=_additive_mask(attention_allowed, _parameter_dtype(model)),
+        position_ids=position_ids,
         use_cache=False,
     ).logits
+
+
+def packed_losses(model: torch.nn.Module, batch: PackedBatch, config: LossConfig) -> LossOutput:
+    """Losses for every state of every row's block in one forward (see the module docstring)."""
+    logits = _packed_forward(model, batch.input_ids, batch.attention_allowed, batch.position_ids)
     # state_logits[b, j, i] predicts token i of state j of row b
     index = batch.prediction_index.flatten(1)
     state_logits = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
@@ -228,12 +234,7 @@ def packed_losses(model: torch.nn.Module, batch: PackedBatch, config: LossConfig
 def forcing_losses(model: torch.nn.Module, batch: ForcingBatch, config: LossConfig) -> LossOutput:
     """Jacobi Forcing's losses for whole responses in one forward (see `cllm.forcing`). Its
     target is always the clean block, so `config.kind` does not apply."""
-    logits = model(
-        input_ids=batch.input_ids,
-        attention_mask=_additive_mask(batch.attention_allowed, _parameter_dtype(model)),
-        position_ids=batch.position_ids,
-        use_cache=False,
-    ).logits
+    logits = _packed_forward(model, batch.input_ids, batch.attention_allowed, batch.position_ids)
     vocab = logits.shape[-1]
     student_logits = logits.gather(1, batch.student_index[:, :, None].expand(-1, -1, vocab))
     target_logits = logits.gather(1, batch.target_index[:, :, None].expand(-1, -1, vocab))

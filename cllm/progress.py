@@ -16,10 +16,11 @@ def format_seconds(seconds: float) -> str:
 
 class Progress:
     """`update(done, detail)` reports `done` out of `total` units; the line shows the share,
-    the rate, the elapsed time and an ETA."""
+    the rate, the elapsed time and an ETA. `start` is work done before this run (a resumed job),
+    counted in the share but not in the rate."""
 
     def __init__(self, description: str, total: float, unit: str = "it", stream: TextIO | None = None,
-                 log_interval_s: float = 10.0, tty_interval_s: float = 0.25):
+                 log_interval_s: float = 10.0, tty_interval_s: float = 0.25, start: float = 0.0):
         self.description, self.total, self.unit = description, total, unit
         self.stream = stream if stream is not None else sys.stderr
         self.tty = self.stream.isatty()
@@ -27,12 +28,13 @@ class Progress:
         self.started = time.monotonic()
         self.last_shown = -float("inf")
         self.shown_done: float | None = None
-        self.done = 0.0
+        self.start = start
+        self.done = start
         self.detail = ""
 
     def line(self) -> str:
         elapsed = time.monotonic() - self.started
-        rate = self.done / elapsed if elapsed > 0 else 0.0
+        rate = (self.done - self.start) / elapsed if elapsed > 0 else 0.0
         share = min(self.done / self.total, 1.0) if self.total else 1.0
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = format_seconds(eta) if eta != float("inf") else "?"

@@ -235,11 +235,12 @@ def worker_print(message: str) -> None:
     sys.stdout.flush()
 
 
-def step_reporter(settings: TrainSettings) -> Progress | None:
-    """Rank 0's progress line (None with --verbose, which prints every step instead)."""
+def step_reporter(settings: TrainSettings, first_step: int) -> Progress | None:
+    """Rank 0's progress line (None with --verbose, which prints every step instead); a resumed
+    run's rate counts the steps from `first_step` on."""
     if settings.verbose:
         return None
-    return Progress("train", settings.total_steps, unit="steps", stream=sys.stdout)
+    return Progress("train", settings.total_steps, unit="steps", stream=sys.stdout, start=first_step)
 
 
 def lr_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> torch.optim.lr_scheduler.LambdaLR:
@@ -310,7 +311,7 @@ def train_loop(config: dict[str, Any]) -> None:
 
     shard = ray.train.get_dataset_shard("train")
     meter = StepMeter(device, settings.loss.ar_weight)
-    reporter = step_reporter(settings) if rank == 0 else None
+    reporter = step_reporter(settings, state.step) if rank == 0 else None
     checkpointed_step, metrics = state.step, {}
     done = settings.max_steps is not None and state.step >= settings.max_steps
     for epoch in range(state.epoch, settings.epochs):

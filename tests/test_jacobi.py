@@ -12,7 +12,7 @@ from helpers import hf_greedy
 
 from cllm import ar_generate, jacobi_generate, tiny_model
 from cllm.hf import TINY_ARCHITECTURES
-from cllm.jacobi import _block_statistics
+from cllm.row import block_statistics
 
 VOCAB = 128
 MAX_NEW = 23  # not a multiple of any block size tested
@@ -144,7 +144,7 @@ def test_block_statistics_on_a_hand_built_trajectory():
         [1, 2, 9, 4, 5],  # 2 new correct tokens, 4 and 5 correct behind a wrong one
         [1, 2, 3, 4, 5],  # 3 more tokens become correct at once
     ]
-    fast_forwarded, stationary = _block_statistics(states, fixed_point, valid=5)
+    fast_forwarded, stationary = block_statistics(states, fixed_point, valid=5)
     assert fast_forwarded == (2 - 1 - 1) + (5 - 2 - 1)
     assert stationary == 2  # positions 3 and 4 settle at state 1 while position 2 is wrong
 
