@@ -148,7 +148,8 @@ async def send(client, model: str, request: LoadRequest, temperature: float,
             from cllm_serve.batching import Failed, Finished, Rejected, TextDelta
             from cllm_serve.decoder import DecodeRequest
 
-            decode = DecodeRequest(prompt=request.prompt, max_tokens=request.max_tokens, n_token=n_token,
+            prompt = request.prompt if isinstance(request.prompt, str) else tuple(request.prompt)
+            decode = DecodeRequest(prompts=(prompt,), max_tokens=request.max_tokens, n_token=n_token,
                                    temperature=temperature, seed=request.seed)
             async for event in client.generate(decode):
                 if isinstance(event, TextDelta) and event.text:

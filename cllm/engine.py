@@ -8,7 +8,8 @@
 
 Each `step` first admits waiting requests (up to `max_rows` running rows and `max_prefill_tokens`
 prompt tokens): one prefill forward writes their prompts' keys/values into free slots of the
-`SlotCache` and computes logits at each prompt's last position only. Then one forward advances
+`SlotCache` and computes logits at each prompt's last position only (at every position for a
+request that wants `prompt_logprobs`, prefilled alone). Then one forward advances
 every running row by one Jacobi iteration (`cllm.row`), whatever its block size, budget, sampling
 parameters or phase. Finished, aborted and failed rows leave at once and free their slot.
 `jacobi_generate` and `ar_generate` (`cllm.jacobi`) drive this same engine: there is one decoding
@@ -47,6 +48,8 @@ class FinishedRequest:
     logprobs: list[TokenLogprob] | None = None
     trajectories: list[list[list[int]]] | None = None
     error: BaseException | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+    """Prompt tokens 1.. given those before them (`RequestParams.prompt_logprobs`)."""
 
 
 @dataclass
@@ -163,6 +166,7 @@ class Engine:
             tokens += size
         if not joiners:
             return
+        joiners.sort(key=lambda row: row.params.prompt_logprobs is not None)  # see _prefill
         for row in joiners:
             row.slot = len(self._running)
             self._running.append(row)
@@ -173,6 +177,8 @@ class Engine:
                 raise
             logger.warning("prefill of %d requests failed (%s); retrying them one by one", len(joiners), error)
             for row in joiners:
+                if row.length:  # its group's prefill went through before the failure
+                    continue
                 if len(joiners) == 1:
                     row.fail(error)
                     continue
@@ -211,6 +217,7 @@ class Engine:
                 row.logprobs,
                 row.trajectories if row.params.return_trajectories else None,
                 row.error,
+                row.prompt_logprobs,
             )
         )
 
@@ -238,9 +245,23 @@ class Engine:
         return logits
 
     def _prefill(self, rows: list[Row]) -> None:
+        # A row that wants prompt log-probabilities needs every position's logits: it gets a
+        # forward of its own (bounded by its prompt), after the others' (its slot comes last).
+        plain = [row for row in rows if row.params.prompt_logprobs is None]
+        for group in ([plain] if plain else []) + [[row] for row in rows if row not in plain]:
+            self._prefill_group(group)
+
+    def _prefill_group(self, rows: list[Row]) -> None:
         for row in rows:
             row.length = 0
-        logits = self._forward(rows, [row.prompt for row in rows], [len(row.prompt) - 1 for row in rows])
+        last = [len(row.prompt) - 1 for row in rows]
+        if rows[0].params.prompt_logprobs is not None:
+            every = self._forward(rows, [rows[0].prompt])
+            self._prompt_logprobs(rows[0], every[0])
+            logits = every[:, last[0] :]
+        else:
+            logits = self._forward(rows, [row.prompt for row in rows], last)
+        self._forbid_early_stops(rows, logits, [0] * len(rows))
         choices = self._choose(rows, logits, [[] for _ in rows])
         for index, row in enumerate(rows):
             row.length = len(row.prompt)
@@ -249,10 +270,26 @@ class Engine:
             row.start(choices.proposals[index][0], logprobs[0] if logprobs else None)
             self._reset_draft_probs(row, logits.shape[-1])
 
+    @staticmethod
+    def _prompt_logprobs(row: Row, logits: torch.Tensor) -> None:
+        """Each prompt token's log-probability given the tokens before it (the first has none),
+        with `prompt_logprobs` alternatives; `logits` (positions, vocab) are the prompt's."""
+        k, count = row.params.prompt_logprobs, len(row.prompt) - 1
+        targets = torch.tensor([row.prompt[1:]], device=logits.device)
+        values, top_values, top_ids = token_logprobs(logits[None, :count], targets, k)
+        if k:
+            tops = [tuple(zip(ids, vals)) for ids, vals in zip(top_ids[0].tolist(), top_values[0].tolist())]
+        else:
+            tops = [()] * count
+        row.prompt_logprobs = [
+            TokenLogprob(token, value, top) for token, value, top in zip(row.prompt[1:], values[0].tolist(), tops)
+        ]
+
     def _iterate(self) -> None:
         rows = self._running
         try:
             logits = self._forward(rows, [row.feed for row in rows])
+            self._forbid_early_stops(rows, logits, [len(row.output) + row.cached + 1 for row in rows])
             choices = self._choose(rows, logits, [row.drafts for row in rows])
         except Exception as error:
             if not self.isolate_failures:
@@ -273,6 +310,15 @@ class Engine:
                 start = before + accepted + 2  # the first redrafted block position
                 fresh = choices.sampled_probs[index][accepted + 1 :]
                 row.draft_probs[start:] = fresh[: row.n_token - start]
+
+    @staticmethod
+    def _forbid_early_stops(rows: list[Row], logits: torch.Tensor, first_outputs: list[int]) -> None:
+        """`min_tokens`: the stop ids' logits become -inf at every position that predicts an output
+        token before the minimum (position j predicts output token first_outputs[i] + j)."""
+        for i, row in enumerate(rows):
+            early = min(row.params.min_tokens - first_outputs[i], logits.shape[1])
+            if early > 0 and row.params.eos_token_ids:
+                logits[i, :early, sorted(row.params.eos_token_ids)] = -float("inf")
 
     def _reset_draft_probs(self, row: Row, vocab: int) -> None:
         """Fixed guesses count as drawn from one-hot distributions."""

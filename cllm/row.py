@@ -35,13 +35,17 @@ returning False cancels the request (its output ends with the tokens verified so
 @dataclass(frozen=True)
 class RequestParams:
     """How one request is decoded. `n_token` 1 is AR decoding; `logprobs` k returns each token's
-    log-probability and its k likeliest alternatives (None: none)."""
+    log-probability and its k likeliest alternatives (None: none). `eos_token_ids` end the output
+    (the caller adds stop token ids, or leaves EOS out to ignore it); `min_tokens` forbids them
+    before that many tokens, by masking their logits as vLLM does, so greedy stays exactly AR."""
 
     max_new_tokens: int = 256
     n_token: int = 16
     eos_token_ids: frozenset[int] = frozenset()
+    min_tokens: int = 0
     sampling: SamplingParams = SamplingParams()
     logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (computed in the prefill)
     init: InitGuess = "prompt"
     return_trajectories: bool = False
 
@@ -52,8 +56,11 @@ class RequestParams:
             raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.init not in ("prompt", "repeat"):
             raise ValueError(f"init must be 'prompt' or 'repeat', got {self.init!r}")
-        if self.logprobs is not None and self.logprobs < 0:
-            raise ValueError(f"logprobs must be >= 0 or None, got {self.logprobs}")
+        if not 0 <= self.min_tokens <= self.max_new_tokens:
+            raise ValueError(f"min_tokens must lie in [0, max_new_tokens], got {self.min_tokens}")
+        for name in ("logprobs", "prompt_logprobs"):
+            if getattr(self, name) is not None and getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0 or None, got {getattr(self, name)}")
 
 
 @dataclass
@@ -131,6 +138,7 @@ class Row:
         self.draws = 0  # iterations that drew random numbers so far (the sampling counter)
         self.output: list[int] = []
         self.logprobs: list[TokenLogprob] | None = [] if params.logprobs is not None else None
+        self.prompt_logprobs: list[TokenLogprob] | None = None
         self.block: list[int] = []
         self.cached = 0  # leading block tokens whose keys/values are in the cache
         self.draft_probs: torch.Tensor | None = None  # (n, vocab): what each draft was drawn from

@@ -43,7 +43,9 @@ class BuilderArgs(BaseModel):
     )
     n_token: int = Field(default=16, ge=1)
     max_n_token: int = Field(default=64, ge=1)
-    default_max_tokens: int = Field(default=256, ge=1)
+    default_max_tokens: int | None = Field(
+        default=None, ge=1, description="chat requests without max_tokens; default: the rest of the context"
+    )
     default_temperature: float = Field(default=0.0, ge=0, le=2, description="for requests that give none")
     max_batch_size: int = Field(default=8, ge=1, description="rows decoded together; 1 turns batching off")
     batch_wait_ms: float = Field(default=5.0, ge=0, description="scheduler=dynamic: wait for company")
@@ -67,6 +69,8 @@ class BuilderArgs(BaseModel):
         default=64, ge=-1, description="per caller; beyond it: 503 (-1: no limit)"
     )
     max_body_bytes: int = Field(default=1_000_000, ge=1)
+    body_timeout_s: float = Field(default=30, gt=0, description="a request body must arrive within it (else 408)")
+    health_timeout_s: float = Field(default=10, gt=0, description="/health fails unless a decoder answers within it")
     wait_for_resources_s: float = Field(
         default=0, ge=0, description="how long an autoscaling cluster may take to fit min_replicas (0: fail at once)"
     )
@@ -119,7 +123,10 @@ def build_app(args: BuilderArgs) -> serve.Application:
         graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
     ).bind(decoder_settings)
     ingress_settings = IngressSettings(
-        served_model_name=args.served_model_name or args.model, max_body_bytes=args.max_body_bytes
+        served_model_name=args.served_model_name or args.model,
+        max_body_bytes=args.max_body_bytes,
+        body_timeout_s=args.body_timeout_s,
+        health_timeout_s=args.health_timeout_s,
     )
     return OpenAIIngress.options(ray_actor_options={"num_cpus": args.ingress_num_cpus}).bind(
         decoder, ingress_settings

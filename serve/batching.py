@@ -12,9 +12,10 @@ and aborts cancelled ones. Two admission policies share that loop:
   whole batch is done.
 
 The engine reports each row's verified tokens through its `on_tokens` callback, on the loop
-thread. `TokenStream` turns them into text deltas (holding back text that may still become a
-stop sequence) and hands them to the replica's event loop. A stream whose client went away, that
+thread. `TokenStream` turns them into text deltas (holding back incomplete characters and text
+that may still become a stop sequence) and hands them to the replica's event loop. A stream whose client went away, that
 hit a stop sequence, or that reached its own `max_tokens` answers False, which ends that row only.
+Text comes from `cllm.detokenize.TextAssembler` (incremental detokenization, then stop strings).
 """
 
 from __future__ import annotations
@@ -23,11 +24,12 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
 from cllm import Engine, FinishedRequest, RequestParams, TokenLogprob
+from cllm.detokenize import TextAssembler
 
 logger = logging.getLogger("ray.serve")
 
@@ -56,10 +58,11 @@ class Rejected:
 
 @dataclass(frozen=True)
 class LogprobEntry:
-    """One generated token's log-probability, with the token as text, and its alternatives."""
+    """One token's log-probability, with the token as text, and its alternatives (a prompt's
+    first token has none: None)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...] = ()
 
 
@@ -76,6 +79,10 @@ class Finished:
     completion_tokens: int
     forwards: int
     index: int = 0
+    stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
+    prompt_logprobs: tuple[LogprobEntry, ...] | None = None  # echo with logprobs: the prompt's tokens
+    queue_s: float = field(default=0.0, compare=False)  # waiting for a slot in the engine
+    first_token_s: float = field(default=0.0, compare=False)  # from submission to the first token
 
 
 @dataclass(frozen=True)
@@ -102,51 +109,6 @@ def coalesce(events: list[Event]) -> list[Event]:
     return merged
 
 
-# -- text assembly --------------------------------------------------------------------------------
-
-
-class StopTextAssembler:
-    """Builds the completion text from token ids and cuts it at the first stop sequence.
-
-    Text that could still grow into a stop sequence, and a trailing replacement character (an
-    incomplete multi-byte character), is held back, so streamed deltas never need retracting."""
-
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str]):
-        self._decode = decode
-        self._stop = tuple(stop)
-        self._sent = 0  # characters of the text already handed out
-        self.text = ""
-        self.stopped = False
-
-    def update(self, ids: list[int]) -> str:
-        """The new text that is safe to send now that the output is `ids`."""
-        self.text = self._decode(ids)
-        hits = [index for index in (self.text.find(stop) for stop in self._stop) if index >= 0]
-        if hits:
-            self.text = self.text[: min(hits)]
-            self.stopped = True
-            return self._release(len(self.text))
-        return self._release(len(self.text) - self._held_back())
-
-    def flush(self) -> str:
-        """Everything not sent yet: the output is complete, nothing can still change."""
-        return self._release(len(self.text))
-
-    def _held_back(self) -> int:
-        held = 1 if self.text.endswith("\ufffd") else 0
-        for stop in self._stop:
-            for length in range(min(len(stop) - 1, len(self.text)), held, -1):
-                if self.text.endswith(stop[:length]):
-                    held = length
-                    break
-        return held
-
-    def _release(self, end: int) -> str:
-        end = max(end, self._sent)
-        delta, self._sent = self.text[self._sent : end], end
-        return delta
-
-
 class TokenStream:
     """One choice's output while it decodes: fed on the engine thread, read on the event loop
     through `events` (a queue that all choices of one request share)."""
@@ -155,37 +117,53 @@ class TokenStream:
         self,
         loop: asyncio.AbstractEventLoop,
         events: asyncio.Queue[Event],
-        text: StopTextAssembler,
+        text: TextAssembler,
         max_tokens: int,
-        eos_token_ids: frozenset[int],
+        stop_token_ids: frozenset[int],
         token_text: Callable[[int], str] = str,
         index: int = 0,
+        reported_stop_ids: frozenset[int] = frozenset(),
+        include_stop: bool = False,
     ):
         self._loop = loop
         self._events = events
         self._text = text
         self._max_tokens = max_tokens
-        self._eos = eos_token_ids
+        self._stop_ids = stop_token_ids  # EOS (unless ignored) and the request's stop_token_ids
+        self._reported_stop_ids = reported_stop_ids  # the request's own: named in stop_reason
+        self._include_stop = include_stop
         self._token_text = token_text
         self.index = index
         self._lock = threading.Lock()  # `cancel` (loop thread) races `on_tokens` (engine thread)
         self.ids: list[int] = []
         self.finish_reason: str | None = None
+        self.stop_reason: str | int | None = None
         self.cancelled = False
+        self.submitted_at = time.monotonic()
+        self.queue_s = 0.0  # set by the engine loop on admission
+        self.first_token_s: float | None = None
 
     def on_tokens(self, new_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> bool:
         """The engine's per-row callback. False ends the row: cancelled, stopped or full."""
         with self._lock:
             if self.cancelled or self.finish_reason is not None:
                 return False
+            if self.first_token_s is None:
+                self.first_token_s = time.monotonic() - self.submitted_at
             new_ids = new_ids[: self._max_tokens - len(self.ids)]
-            eos_at = next((i for i, token in enumerate(new_ids) if token in self._eos), None)
-            if eos_at is not None:
-                new_ids = new_ids[: eos_at + 1]
+            stop_at = next((i for i, token in enumerate(new_ids) if token in self._stop_ids), None)
+            if stop_at is not None:
+                new_ids = new_ids[: stop_at + 1]
             self.ids.extend(new_ids)
-            delta = self._text.update(self.ids)
-            if self._text.stopped or eos_at is not None:
+            # A stop token's own text is left out unless asked for (as vLLM does).
+            shown = new_ids if stop_at is None or self._include_stop else new_ids[:stop_at]
+            delta = self._text.add(shown)
+            if self._text.stopped:
+                self.finish_reason, self.stop_reason = "stop", self._text.stop_reason
+            elif stop_at is not None:
                 self.finish_reason = "stop"
+                token = new_ids[stop_at]
+                self.stop_reason = token if token in self._reported_stop_ids else None
             elif len(self.ids) >= self._max_tokens:
                 self.finish_reason = "length"
             if self.finish_reason is not None:
@@ -199,15 +177,26 @@ class TokenStream:
         top = tuple((self._token_text(token), value) for token, value in logprob.top)
         return LogprobEntry(self._token_text(logprob.token), logprob.logprob, top)
 
-    def finish(self, forwards: int) -> None:
-        """Called once the engine is done with the row (the forward count is final)."""
+    def finish(
+        self, forwards: int, prompt_ids: list[int] | None = None, prompt_logprobs: list[TokenLogprob] | None = None
+    ) -> None:
+        """Called once the engine is done with the row (the forward count is final), with the
+        prompt's log-probabilities when the row asked for them."""
+        prompt_entries = None
+        if prompt_ids and prompt_logprobs is not None:
+            first = LogprobEntry(self._token_text(prompt_ids[0]), None)  # nothing comes before it
+            prompt_entries = (first, *(self._entry(entry) for entry in prompt_logprobs))
         with self._lock:
             if self.finish_reason is None:  # cancelled rows end here too; nobody reads them
                 self.finish_reason = "length"
                 delta = self._text.flush()
                 if delta:
                     self._push(TextDelta(delta, self.index))
-            self._push(Finished(self.finish_reason, len(self.ids), forwards, self.index))
+            first_token_s = self.first_token_s if self.first_token_s is not None else self.queue_s
+            self._push(Finished(
+                self.finish_reason, len(self.ids), forwards, self.index, self.stop_reason, prompt_entries,
+                self.queue_s, first_token_s,
+            ))
 
     def fail(self, message: str) -> None:
         self._push(Failed(message, self.index))
@@ -345,6 +334,7 @@ class EngineLoop:
             room = self._max_batch_size - self._engine.running - self._engine.waiting
             batch, self._pending = batch[: max(room, 0)], batch[max(room, 0) :] + self._pending
         for job in batch:
+            job.stream.queue_s = time.monotonic() - job.enqueued_at
             try:
                 job.request_id = self._engine.add_request(job.prompt_ids, job.params, job.stream.on_tokens)
             except ValueError as error:  # the decoder's checks should have caught it
@@ -378,7 +368,7 @@ class EngineLoop:
             if request.finish_reason == "error":
                 job.stream.fail(_failure_message(request.error))
             else:
-                job.stream.finish(request.stats.forwards)
+                job.stream.finish(request.stats.forwards, job.prompt_ids, request.prompt_logprobs)
             if self._on_finished is not None:
                 try:
                     self._on_finished(request)

@@ -23,6 +23,7 @@ from pydantic import BaseModel, Field
 from ray import serve
 
 from cllm import Engine, FinishedRequest, RequestParams, SamplingParams, load_model
+from cllm.detokenize import TextAssembler
 from cllm.hf import context_length, encode_chat, eos_ids, pad_id
 from cllm_serve.batching import (
     Accepted,
@@ -33,7 +34,6 @@ from cllm_serve.batching import (
     Finished,
     Rejected,
     Scheduler,
-    StopTextAssembler,
     TextDelta,
     TokenStream,
     coalesce,
@@ -41,6 +41,7 @@ from cllm_serve.batching import (
 from cllm_serve.metrics import DecoderMetrics
 
 Mode = Literal["jacobi", "ar"]
+FALLBACK_MAX_TOKENS = 256  # for a model whose context length is unknown
 
 
 class DecoderSettings(BaseModel):
@@ -51,21 +52,32 @@ class DecoderSettings(BaseModel):
     scheduler: Scheduler = "continuous"
     n_token: int = Field(default=16, ge=1, description="default Jacobi block size")
     max_n_token: int = Field(default=64, ge=1, description="largest block size a request may ask for")
-    default_max_tokens: int = Field(default=256, ge=1)
+    default_max_tokens: int | None = Field(
+        default=None, ge=1, description="chat requests without max_tokens; None: the rest of the context (vLLM)"
+    )
     default_temperature: float = Field(default=0.0, ge=0, le=2, description="when a request gives none")
     max_batch_size: int = Field(default=8, ge=1, description="rows decoded together")
     batch_wait_ms: float = Field(default=5.0, ge=0, description="scheduler=dynamic: wait for company")
     max_prefill_tokens: int = Field(default=8192, ge=1, description="prompt tokens admitted per step")
 
 
+Prompt = str | tuple[int, ...]
+
+
 @dataclass(frozen=True)
 class DecodeRequest:
-    """One generation request as the ingress hands it over (already validated for types)."""
+    """One generation request as the ingress hands it over (already validated for types).
+    Several prompts (completions) give `n` choices each: choice index = prompt index * n + i."""
 
-    prompt: str | list[int] | None = None
+    prompts: tuple[Prompt, ...] = ()
     messages: tuple[tuple[str, str], ...] | None = None  # (role, text) pairs, for chat
     max_tokens: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    echo: bool = False  # the prompt's text opens each choice
     n_token: int | None = None
     seed: int | None = None
     temperature: float | None = None
@@ -73,12 +85,13 @@ class DecodeRequest:
     top_k: int = 0
     n: int = 1
     logprobs: int | None = None  # alternatives per token; None: no log-probabilities
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo with logprobs)
 
 
 @dataclass(frozen=True)
 class PreparedRequest:
-    prompt_ids: list[int]
-    max_tokens: int
+    prompt_ids: list[list[int]]  # one list per prompt (chat: one)
+    max_tokens: list[int]  # per prompt
     n_token: int
 
 
@@ -142,6 +155,24 @@ class Decoder:
         others = [event for event in events if not isinstance(event, TextDelta)]
         return others[:1] + coalesce(ordered) + others[1:]
 
+    def max_model_len(self) -> int | None:
+        """The model's context length (None: unknown), for /v1/models."""
+        return self._context_length
+
+    def tokenize(
+        self, prompt: str | None, messages: tuple[tuple[str, str], ...] | None, add_special_tokens: bool = True
+    ) -> list[int] | Rejected:
+        """vLLM's /tokenize: the ids of a prompt, or of chat messages through the chat template."""
+        if messages is not None:
+            return self._prompt_ids(messages, "messages")
+        return self._tokenizer(prompt or "", add_special_tokens=add_special_tokens)["input_ids"]
+
+    def detokenize(self, tokens: list[int]) -> str | Rejected:
+        vocab_size = self._model.config.vocab_size
+        if any(not 0 <= token < vocab_size for token in tokens):
+            return Rejected(f"token ids must lie in [0, {vocab_size})", param="tokens", code="invalid_value")
+        return self._tokenizer.decode(tokens)
+
     def load(self) -> Load:
         stats = self._loop.stats()
         return Load(
@@ -166,14 +197,18 @@ class Decoder:
             yield prepared
             return
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-        jobs = [self._job(request, prepared, TokenStream(
-            loop, queue, StopTextAssembler(self._decode_text, request.stop), prepared.max_tokens, self._eos,
-            self._token_text, index,
-        )) for index in range(request.n)]
-        yield Accepted(prompt_tokens=len(prepared.prompt_ids), choices=request.n)
+        jobs = [
+            self._job(request, prepared, prompt, self._stream(request, prepared, loop, queue, prompt * request.n + i))
+            for prompt in range(len(prepared.prompt_ids))
+            for i in range(request.n)
+        ]
+        yield Accepted(prompt_tokens=sum(len(ids) for ids in prepared.prompt_ids), choices=len(jobs))
+        if request.echo:
+            for job in jobs:
+                yield TextDelta(self._decode_text(job.prompt_ids), job.stream.index)
         for job in jobs:
             self._loop.submit(job)
-        open_choices = set(range(request.n))
+        open_choices = set(range(len(jobs)))
         try:
             while open_choices:
                 ready = [await queue.get()]
@@ -190,17 +225,37 @@ class Decoder:
                 jobs[index].stream.cancel()
                 self._loop.abort(jobs[index])
 
-    def _job(self, request: DecodeRequest, prepared: PreparedRequest, stream: TokenStream) -> EngineJob:
-        seed = None if request.seed is None else request.seed + stream.index
+    def _stop_ids(self, request: DecodeRequest) -> frozenset[int]:
+        """The ids that end a row: EOS unless ignored, and the request's stop_token_ids."""
+        return (frozenset() if request.ignore_eos else self._eos) | frozenset(request.stop_token_ids)
+
+    def _stream(
+        self, request: DecodeRequest, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop,
+        queue: asyncio.Queue, index: int,
+    ) -> TokenStream:
+        return TokenStream(
+            loop, queue, TextAssembler(self._decode_text, request.stop, request.include_stop_str_in_output),
+            prepared.max_tokens[index // request.n], self._stop_ids(request), self._token_text, index,
+            reported_stop_ids=frozenset(request.stop_token_ids), include_stop=request.include_stop_str_in_output,
+        )
+
+    def _job(
+        self, request: DecodeRequest, prepared: PreparedRequest, prompt: int, stream: TokenStream
+    ) -> EngineJob:
+        # Seeds wrap into int64, so seed + index never overflows whatever the client sent.
+        seed = None if request.seed is None else (request.seed + stream.index) % 2**63
         temperature = request.temperature if request.temperature is not None else self._settings.default_temperature
+        max_tokens = prepared.max_tokens[prompt]
         params = RequestParams(
-            max_new_tokens=prepared.max_tokens,
+            max_new_tokens=max_tokens,
             n_token=prepared.n_token,
-            eos_token_ids=self._eos,
+            eos_token_ids=self._stop_ids(request),
+            min_tokens=min(request.min_tokens, max_tokens),
             sampling=SamplingParams(temperature=temperature, top_p=request.top_p, top_k=request.top_k, seed=seed),
             logprobs=request.logprobs,
+            prompt_logprobs=request.prompt_logprobs,
         )
-        return EngineJob(prepared.prompt_ids, params, stream)
+        return EngineJob(prepared.prompt_ids[prompt], params, stream)
 
     def _prepare(self, request: DecodeRequest) -> PreparedRequest | Rejected:
         n_token = 1 if self._settings.mode == "ar" else request.n_token or self._settings.n_token
@@ -208,23 +263,39 @@ class Decoder:
             return Rejected(
                 f"n_token must be at most {self._settings.max_n_token}", param="n_token", code="invalid_value"
             )
-        prompt_ids = self._prompt_ids(request)
-        if isinstance(prompt_ids, Rejected):
-            return prompt_ids
-        max_tokens = self._max_tokens(len(prompt_ids), request.max_tokens, n_token)
-        if isinstance(max_tokens, Rejected):
-            return max_tokens
-        return PreparedRequest(prompt_ids, max_tokens, n_token)
+        vocab_size = self._model.config.vocab_size
+        if any(not 0 <= token < vocab_size for token in request.stop_token_ids):
+            return Rejected(f"stop_token_ids must lie in [0, {vocab_size})", param="stop_token_ids",
+                            code="invalid_value")
+        prompts: list[list[int]] = []
+        limits: list[int] = []
+        for prompt in self._prompts(request):
+            prompt_ids = self._prompt_ids(prompt, "messages" if request.messages is not None else "prompt")
+            if isinstance(prompt_ids, Rejected):
+                return prompt_ids
+            max_tokens = self._max_tokens(len(prompt_ids), request.max_tokens, n_token)
+            if isinstance(max_tokens, Rejected):
+                return max_tokens
+            prompts.append(prompt_ids)
+            limits.append(max_tokens)
+        if not prompts:
+            return Rejected("the prompt must not be empty", param="prompt", code="invalid_value")
+        return PreparedRequest(prompts, limits, n_token)
 
-    def _prompt_ids(self, request: DecodeRequest) -> list[int] | Rejected:
-        if request.messages is not None:
-            _, ids = encode_chat(self._tokenizer, request.messages)
-            param = "messages"
-        elif isinstance(request.prompt, str):
-            ids = self._tokenizer(request.prompt)["input_ids"]
-            param = "prompt"
+    def _prompts(self, request: DecodeRequest) -> list[Prompt | tuple[tuple[str, str], ...]]:
+        return [request.messages] if request.messages is not None else list(request.prompts)
+
+    def _prompt_ids(self, prompt: Prompt | tuple[tuple[str, str], ...], param: str) -> list[int] | Rejected:
+        if param == "messages":
+            try:
+                _, ids = encode_chat(self._tokenizer, prompt)
+            except Exception as error:  # noqa: BLE001 - a template refusing the conversation is the client's error
+                return Rejected(f"the chat template refused these messages: {error}", param="messages",
+                                code="invalid_value")
+        elif isinstance(prompt, str):
+            ids = self._tokenizer(prompt)["input_ids"]
         else:
-            ids, param = list(request.prompt or []), "prompt"
+            ids = list(prompt)
             vocab_size = self._model.config.vocab_size
             if any(not 0 <= token < vocab_size for token in ids):
                 return Rejected(f"token ids must lie in [0, {vocab_size})", param=param, code="invalid_value")
@@ -233,11 +304,12 @@ class Decoder:
         return ids
 
     def _max_tokens(self, prompt_tokens: int, requested: int | None, n_token: int) -> int | Rejected:
+        fallback = self._settings.default_max_tokens
         if self._context_length is None:
-            return requested or self._settings.default_max_tokens
+            return requested or fallback or FALLBACK_MAX_TOKENS
         # The last Jacobi block may reach n_token - 1 positions past the last kept token.
         room = self._context_length - prompt_tokens - (n_token - 1)
-        wanted = requested if requested is not None else min(self._settings.default_max_tokens, room)
+        wanted = requested if requested is not None else min(fallback or room, room)
         if wanted <= room and wanted >= 1:
             return wanted
         lookahead = f" plus {n_token - 1} positions of Jacobi lookahead" if n_token > 1 else ""

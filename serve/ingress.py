@@ -5,9 +5,14 @@ deployment (`cllm_serve.decoder`), which holds the model. Keeping them apart let
 replicas scale (and sit on GPUs) independently of the HTTP layer, and lets the ingress answer 503
 in OpenAI's shape when the decoders' queue is full.
 
-Routes: GET /health, GET /v1/models, GET /v1/models/{id}, POST /v1/completions,
-POST /v1/chat/completions. With the environment variable CLLM_API_KEY set (in the ingress
-replicas' environment), every /v1 route wants `Authorization: Bearer <key>`.
+Routes: GET /health (fails when no decoder replica answers), GET /metrics (Prometheus text),
+GET /version, GET /v1/models, GET /v1/models/{id}, POST /v1/completions, POST /v1/chat/completions,
+POST /tokenize, POST /detokenize. With the environment variable CLLM_API_KEY set (in the ingress
+replicas' environment), every /v1 route and /tokenize, /detokenize want
+`Authorization: Bearer <key>`.
+
+A client that disconnects cancels its rows whatever the request's phase: queued behind Serve's
+handle, waiting in a decoder, before the first byte, mid-stream, or non-streaming.
 """
 
 import asyncio
@@ -18,11 +23,16 @@ import os
 import time
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
+from functools import cache
+from importlib.metadata import PackageNotFoundError
+from importlib.metadata import version as installed_version
 from typing import Any, Literal
 
+import prometheus_client
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, Field, ValidationError
+from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
@@ -32,36 +42,44 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cllm_serve.batching import Accepted, Event, Failed, Finished, Rejected, TextDelta
 from cllm_serve.decoder import DecodeRequest
-from cllm_serve.metrics import ingress_metrics
+from cllm_serve.metrics import ingress_metrics, serving_metrics
 from cllm_serve.openai_api import (
     ApiError,
     ChatCompletionRequest,
     Choice,
     CompletionRequest,
+    DetokenizeRequest,
+    StreamHeader,
+    TokenizeRequest,
     Usage,
     chat_body,
-    chat_chunk,
+    chat_choice_chunk,
     chat_logprobs,
     completion_body,
-    completion_chunk,
+    completion_choice_chunk,
     completion_logprobs,
     from_validation_error,
     model_card,
     models_body,
     new_id,
     now,
-    usage_chunk,
 )
 
 logger = logging.getLogger("ray.serve")
 
 API_KEY_ENV = "CLLM_API_KEY"
-KNOWN_ROUTES = frozenset({"/health", "/v1/models", "/v1/completions", "/v1/chat/completions"})
+KNOWN_ROUTES = frozenset({
+    "/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/completions",
+    "/v1/chat/completions",
+})
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 
 
 class IngressSettings(BaseModel):
     served_model_name: str
     max_body_bytes: int = Field(default=1_000_000, ge=1)
+    body_timeout_s: float = Field(default=30, gt=0, description="reading a request body; then 408")
+    health_timeout_s: float = Field(default=10, gt=0, description="a decoder must answer /health within it")
 
 
 # -- per-request observation: metrics and one log line -----------------------------------------
@@ -133,6 +151,7 @@ class RequestOutcome:
     usage: Usage | None = None
     finish_reason: str | None = None
     client_left: bool = False
+    streamed_to_end: bool = False  # the decoder has nothing more for this stream
 
     def log_fields(self) -> str:
         fields = f" stream={self.stream}"
@@ -148,7 +167,42 @@ class RequestOutcome:
 
 # -- the FastAPI app ------------------------------------------------------------------------------
 
-api = FastAPI(title="CLLM (Jacobi decoding) OpenAI-compatible API", docs_url=None, redoc_url=None)
+REQUEST_SCHEMAS = (CompletionRequest, ChatCompletionRequest, TokenizeRequest, DetokenizeRequest)
+
+
+@cache
+def _component_schemas() -> tuple[dict[tuple[type[BaseModel], str], Any], dict[str, Any]]:
+    """JSON schemas of the request bodies, referring to one shared set of components."""
+    keys = [(schema, "validation") for schema in REQUEST_SCHEMAS]
+    refs, top = models_json_schema(keys, ref_template="#/components/schemas/{model}")
+    return refs, top.get("$defs", {})
+
+
+def request_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """`openapi_extra` for a route that parses its body itself (to answer in OpenAI's error shape
+    and to bound its size and time): its documented body, so clients and fuzzers see it."""
+    reference = _component_schemas()[0][(schema, "validation")]
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": reference}}}}
+
+
+def package_version() -> str:
+    try:
+        return installed_version("cllm-ray")
+    except PackageNotFoundError:
+        return "unknown"
+
+class CllmApi(FastAPI):
+    """FastAPI whose OpenAPI schema also holds the request bodies' component schemas."""
+
+    def openapi(self) -> dict[str, Any]:
+        if self.openapi_schema is None:
+            schema = super().openapi()
+            schema.setdefault("components", {}).setdefault("schemas", {}).update(_component_schemas()[1])
+            self.openapi_schema = schema
+        return self.openapi_schema
+
+
+api = CllmApi(title="CLLM (Jacobi decoding) OpenAI-compatible API", docs_url=None, redoc_url=None)
 api.add_middleware(RequestObserver)
 
 
@@ -190,44 +244,117 @@ class ChunkFormat:
     log-probabilities (the completions API numbers each choice's characters as it goes)."""
 
     kind: Literal["completion", "chat"]
-    response_id: str
-    model: str
+    header: StreamHeader
     with_logprobs: bool = False
     text_offsets: dict[int, int] = field(default_factory=dict)
+
+    @classmethod
+    def new(cls, kind: Literal["completion", "chat"], model: str, include_usage: bool, with_logprobs: bool):
+        prefix, object_name = ("chatcmpl", "chat.completion.chunk") if kind == "chat" else ("cmpl", "text_completion")
+        return cls(kind, StreamHeader(new_id(prefix), model, object_name, now(), include_usage), with_logprobs)
 
     def opening(self, choices: int) -> list[dict[str, Any]]:
         # Chat streams announce the role first, for every choice, as OpenAI's do.
         if self.kind != "chat":
             return []
         return [
-            chat_chunk(self.response_id, self.model, {"role": "assistant", "content": ""}, index=index)
+            self.header.chunk([chat_choice_chunk({"role": "assistant", "content": ""}, index=index)])
             for index in range(choices)
         ]
 
     def delta(self, event: TextDelta) -> dict[str, Any]:
         if self.kind == "chat":
             logprobs = chat_logprobs(event.logprobs) if self.with_logprobs else None
-            return chat_chunk(self.response_id, self.model, {"content": event.text}, index=event.index,
-                              logprobs=logprobs)
+            return self.header.chunk([chat_choice_chunk({"content": event.text}, index=event.index, logprobs=logprobs)])
         logprobs = None
         if self.with_logprobs:
             offset = self.text_offsets.get(event.index, 0)
             logprobs = completion_logprobs(event.logprobs, offset)
             self.text_offsets[event.index] = offset + sum(len(entry.token) for entry in event.logprobs)
-        return completion_chunk(self.response_id, self.model, event.text, index=event.index, logprobs=logprobs)
+        return self.header.chunk([completion_choice_chunk(event.text, index=event.index, logprobs=logprobs)])
 
     def closing(self, finished: Finished) -> dict[str, Any]:
         if self.kind == "chat":
-            return chat_chunk(self.response_id, self.model, {}, finished.finish_reason, index=finished.index)
-        return completion_chunk(self.response_id, self.model, "", finished.finish_reason, index=finished.index)
+            choice = chat_choice_chunk({}, finished.finish_reason, finished.index, stop_reason=finished.stop_reason)
+        else:
+            choice = completion_choice_chunk("", finished.finish_reason, finished.index,
+                                              stop_reason=finished.stop_reason)
+        return self.header.chunk([choice])
 
     def usage(self, usage: Usage) -> dict[str, Any]:
-        object_name = "chat.completion.chunk" if self.kind == "chat" else "text_completion"
-        return usage_chunk(self.response_id, self.model, object_name, usage)
+        return self.header.chunk([], usage)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refused with 413 as soon as it is known to exceed `limit` bytes."""
+class Progress:
+    """A request's phase for the waiting/running gauges and its latency figures (TTFT, time per
+    output token), recorded once whatever way the request ends."""
+
+    def __init__(self):
+        self._metrics = serving_metrics()
+        self.started = time.monotonic()
+        self.first_text: float | None = None
+        self._phase: Literal["new", "waiting", "running", "done"] = "new"
+
+    def submitted(self) -> None:
+        self._move("waiting")
+
+    def text(self) -> None:
+        if self.first_text is None:
+            self.first_text = time.monotonic()
+            self._metrics.time_to_first_token.observe(self.first_text - self.started)
+        self._move("running")
+
+    def finished(self, prompt_tokens: int, rows: Sequence[Finished]) -> None:
+        for row in rows:
+            self._metrics.record_row(row.completion_tokens, row.forwards, row.queue_s)
+        self._metrics.prompt_tokens.inc(prompt_tokens)
+        if self.first_text is None and rows:  # not streamed: the decoder timed the first token
+            self.first_text = self.started + min(row.first_token_s for row in rows)
+            self._metrics.time_to_first_token.observe(self.first_text - self.started)
+        tokens = max((row.completion_tokens for row in rows), default=0)
+        if self.first_text is not None and tokens > 1:
+            self._metrics.time_per_output_token.observe((time.monotonic() - self.first_text) / (tokens - 1))
+
+    def close(self) -> None:
+        self._move("done")
+
+    def _move(self, phase: Literal["waiting", "running", "done"]) -> None:
+        if self._phase == phase or self._phase == "done":
+            return
+        gauges = {"waiting": self._metrics.waiting, "running": self._metrics.running}
+        if self._phase in gauges:
+            gauges[self._phase].dec()
+        if phase in gauges:
+            gauges[phase].inc()
+        self._phase = phase
+
+
+class CancellingStreamingResponse(StreamingResponse):
+    """A StreamingResponse that cancels its decoder stream however it ends short: a disconnect
+    before Starlette starts the body generator, or while it waits for the next event (Starlette
+    then cancels the sending task and leaves the generator unfinished)."""
+
+    def __init__(self, content: AsyncIterator[str], on_exit: Any, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self._on_exit = on_exit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._on_exit()
+
+
+async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
+    """The request body within `timeout_s` (else 408), refused with 413 as soon as it is known to
+    exceed `limit` bytes."""
+    try:
+        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
+    except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+        raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="timeout") from None
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
     too_large = ApiError(413, f"request body is larger than {limit} bytes", code="request_too_large")
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
@@ -242,11 +369,15 @@ async def read_body(request: Request, limit: int) -> bytes:
 
 def parse_request(schema: type[BaseModel], body: bytes) -> Any:
     try:
-        return schema.model_validate_json(body)
+        parsed = schema.model_validate_json(body)
     except ValidationError as error:
         if error.errors()[0]["type"] == "json_invalid":
             raise ApiError(400, "the request body is not valid JSON", code="invalid_json") from None
         raise from_validation_error(error) from None
+    unknown = sorted(parsed.model_extra or {})
+    if unknown:  # as vLLM: accepted, and said so in the log
+        logger.warning("ignoring unknown request fields: %s", ", ".join(repr(name[:64]) for name in unknown[:20]))
+    return parsed
 
 
 async def _over_capacity_as_503(call: Any) -> Any:
@@ -271,15 +402,19 @@ def _accepted_or_raise(event: Event) -> Accepted:
 
 
 def _decoding_fields(parsed: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
-    """The sampling and Jacobi fields every generation request hands to the decoder."""
+    """The sampling, stopping and Jacobi fields every generation request hands to the decoder."""
     return {
         "stop": parsed.stop_sequences,
+        "stop_token_ids": tuple(parsed.stop_token_ids or ()),
+        "include_stop_str_in_output": bool(parsed.include_stop_str_in_output),
+        "ignore_eos": bool(parsed.ignore_eos),
+        "min_tokens": parsed.min_tokens or 0,
         "n_token": parsed.n_token,
         "seed": parsed.seed,
         "temperature": parsed.temperature,
         "top_p": parsed.top_p if parsed.top_p is not None else 1.0,
         "top_k": parsed.top_k_limit,
-        "n": parsed.n,
+        "n": parsed.choices_per_prompt,
     }
 
 
@@ -299,7 +434,10 @@ def _choices_or_raise(events: Sequence[Event], choices: int) -> tuple[list[Choic
             texts[event.index].append(event.text)
             logprobs[event.index].extend(event.logprobs)
     return [
-        Choice(event.index, "".join(texts[event.index]), event.finish_reason, logprobs[event.index])
+        Choice(
+            event.index, "".join(texts[event.index]), event.finish_reason,
+            list(event.prompt_logprobs or ()) + logprobs[event.index], event.stop_reason,
+        )
         for event in finished
     ], finished
 
@@ -314,45 +452,85 @@ class OpenAIIngress:
         self._streaming_decoder = decoder.options(stream=True)
         self._settings = settings
         self._api_key = os.environ.get(API_KEY_ENV) or None
+        if self._api_key is None:
+            logger.warning("%s is not set: the API accepts requests without a key", API_KEY_ENV)
         self._created = now()
+        self._max_model_len: int | None = None
 
     @api.get("/health")
     async def health(self) -> dict[str, str]:
+        """200 once a decoder replica answers within health_timeout_s, else 503."""
+        try:
+            await asyncio.wait_for(self._decoder.max_model_len.remote(), self._settings.health_timeout_s)
+        except Exception:  # noqa: BLE001 - whatever the reason, no decoder answered
+            raise ApiError(503, "no decoder replica is answering", type="server_error", code="unhealthy") from None
         return {"status": "ok"}
+
+    @api.get("/metrics")
+    async def metrics(self) -> Response:
+        """This ingress replica's serving metrics in Prometheus text (Ray's own endpoint has more)."""
+        return Response(serving_metrics().text(), media_type=prometheus_client.CONTENT_TYPE_LATEST)
+
+    @api.get("/version")
+    async def version(self) -> dict[str, str]:
+        return {"version": package_version()}
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> dict[str, Any]:
         self._authorize(request)
-        return models_body(self._settings.served_model_name, self._created)
+        return models_body(self._settings.served_model_name, self._created, await self._model_len())
 
     @api.get("/v1/models/{model_id:path}")
     async def model(self, model_id: str, request: Request) -> dict[str, Any]:
         self._authorize(request)
         self._check_model(model_id)
-        return model_card(model_id, self._created)
+        return model_card(model_id, self._created, await self._model_len())
 
-    @api.post("/v1/completions")
+    @api.post("/tokenize", openapi_extra=request_body(TokenizeRequest))
+    async def tokenize(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        parsed: TokenizeRequest = parse_request(TokenizeRequest, await self._body(request))
+        self._check_model(parsed.model)
+        messages = None if parsed.messages is None else tuple((m.role, m.text) for m in parsed.messages)
+        add_special = parsed.add_special_tokens if parsed.add_special_tokens is not None else True
+        tokens = await _over_capacity_as_503(self._decoder.tokenize.remote(parsed.prompt, messages, add_special))
+        if isinstance(tokens, Rejected):
+            raise ApiError(400, tokens.message, param=tokens.param, code=tokens.code)
+        return {"tokens": tokens, "count": len(tokens), "max_model_len": await self._model_len()}
+
+    @api.post("/detokenize", openapi_extra=request_body(DetokenizeRequest))
+    async def detokenize(self, request: Request) -> dict[str, Any]:
+        self._authorize(request)
+        parsed: DetokenizeRequest = parse_request(DetokenizeRequest, await self._body(request))
+        self._check_model(parsed.model)
+        text = await _over_capacity_as_503(self._decoder.detokenize.remote(parsed.tokens))
+        if isinstance(text, Rejected):
+            raise ApiError(400, text.message, param=text.param, code=text.code)
+        return {"prompt": text}
+
+    @api.post("/v1/completions", openapi_extra=request_body(CompletionRequest))
     async def completions(self, request: Request) -> Response:
         self._authorize(request)
-        parsed: CompletionRequest = parse_request(
-            CompletionRequest, await read_body(request, self._settings.max_body_bytes)
-        )
+        parsed: CompletionRequest = parse_request(CompletionRequest, await self._body(request))
         self._check_model(parsed.model)
+        max_tokens = parsed.max_tokens if parsed.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
+        if parsed.min_tokens and parsed.min_tokens > max_tokens:
+            raise ApiError(400, "min_tokens must be at most max_tokens", param="min_tokens", code="invalid_value")
         decode_request = DecodeRequest(
-            prompt=parsed.prompt,
-            max_tokens=parsed.max_tokens,
+            prompts=parsed.prompts,
+            max_tokens=max_tokens,
             logprobs=parsed.logprobs,
+            prompt_logprobs=parsed.logprobs if parsed.echo else None,
+            echo=bool(parsed.echo),
             **_decoding_fields(parsed),
         )
-        chunks = ChunkFormat("completion", new_id("cmpl"), parsed.model, with_logprobs=parsed.logprobs is not None)
+        chunks = ChunkFormat.new("completion", parsed.model, parsed.include_usage_chunk, parsed.logprobs is not None)
         return await self._respond(request, parsed, decode_request, chunks)
 
-    @api.post("/v1/chat/completions")
+    @api.post("/v1/chat/completions", openapi_extra=request_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Response:
         self._authorize(request)
-        parsed: ChatCompletionRequest = parse_request(
-            ChatCompletionRequest, await read_body(request, self._settings.max_body_bytes)
-        )
+        parsed: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._body(request))
         self._check_model(parsed.model)
         decode_request = DecodeRequest(
             messages=tuple((message.role, message.text) for message in parsed.messages),
@@ -360,10 +538,18 @@ class OpenAIIngress:
             logprobs=parsed.logprob_alternatives,
             **_decoding_fields(parsed),
         )
-        chunks = ChunkFormat("chat", new_id("chatcmpl"), parsed.model, with_logprobs=bool(parsed.logprobs))
+        chunks = ChunkFormat.new("chat", parsed.model, parsed.include_usage_chunk, bool(parsed.logprobs))
         return await self._respond(request, parsed, decode_request, chunks)
 
     # -- helpers --------------------------------------------------------------------------------
+
+    async def _body(self, request: Request) -> bytes:
+        return await read_body(request, self._settings.max_body_bytes, self._settings.body_timeout_s)
+
+    async def _model_len(self) -> int | None:
+        if self._max_model_len is None:
+            self._max_model_len = await _over_capacity_as_503(self._decoder.max_model_len.remote())
+        return self._max_model_len
 
     def _authorize(self, request: Request) -> None:
         if self._api_key is None:
@@ -377,8 +563,8 @@ class OpenAIIngress:
                 401, "invalid or missing API key", type="authentication_error", code="invalid_api_key"
             )
 
-    def _check_model(self, model: str) -> None:
-        if model != self._settings.served_model_name:
+    def _check_model(self, model: str | None) -> None:
+        if model is not None and model != self._settings.served_model_name:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
     async def _respond(
@@ -388,25 +574,49 @@ class OpenAIIngress:
         decode_request: DecodeRequest,
         chunks: ChunkFormat,
     ) -> Response:
-        outcome = RequestOutcome(stream=parsed.stream)
+        outcome = RequestOutcome(stream=bool(parsed.stream))
         request.state.outcome = outcome
+        progress = Progress()
+        progress.submitted()
         if parsed.stream:
             events = self._streaming_decoder.generate.remote(decode_request)
-            accepted = _accepted_or_raise(await _over_capacity_as_503(events.__anext__()))
-            stream = self._sse(events, accepted, chunks, outcome, parsed.include_usage_chunk)
-            return StreamingResponse(
-                stream, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+            try:
+                accepted = _accepted_or_raise(await _over_capacity_as_503(events.__anext__()))
+            except BaseException:  # refused, or the client left while the request was queued
+                events.cancel()
+                progress.close()
+                raise
+
+            def on_exit() -> None:
+                if not outcome.streamed_to_end:  # the client left: stop the decoder's rows now
+                    outcome.client_left = True
+                    events.cancel()
+                progress.close()
+
+            stream = self._sse(events, accepted, chunks, outcome, progress)
+            return CancellingStreamingResponse(
+                stream, on_exit, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
 
-        events = await _over_capacity_as_503(self._decoder.complete.remote(decode_request))
+        response = self._decoder.complete.remote(decode_request)
+        try:
+            events = await _over_capacity_as_503(response)
+        except asyncio.CancelledError:  # the client left: the decoder must not go on
+            outcome.client_left = True
+            response.cancel()
+            raise
+        finally:
+            progress.close()
         accepted = _accepted_or_raise(events[0])
         choices, finished = _choices_or_raise(events[1:], accepted.choices)
         if not chunks.with_logprobs:
             choices = [replace(choice, logprobs=None) for choice in choices]
         outcome.usage = make_usage(accepted.prompt_tokens, finished)
         outcome.finish_reason = ",".join(choice.finish_reason for choice in choices)
+        progress.finished(accepted.prompt_tokens, finished)
         render = chat_body if chunks.kind == "chat" else completion_body
-        return JSONResponse(render(chunks.response_id, chunks.model, choices, outcome.usage))
+        header = chunks.header
+        return JSONResponse(render(header.response_id, header.model, choices, outcome.usage, header.created))
 
     async def _sse(
         self,
@@ -414,34 +624,30 @@ class OpenAIIngress:
         accepted: Accepted,
         chunks: ChunkFormat,
         outcome: RequestOutcome,
-        include_usage: bool,
+        progress: Progress,
     ) -> AsyncIterator[str]:
-        finished_normally = False
         finished: list[Finished] = []
+        for chunk in chunks.opening(accepted.choices):
+            yield sse(chunk)
         try:
-            for chunk in chunks.opening(accepted.choices):
-                yield sse(chunk)
-            try:
-                async for event in events:
-                    if isinstance(event, TextDelta):
-                        yield sse(chunks.delta(event))
-                    elif isinstance(event, Finished):
-                        finished.append(event)
-                        yield sse(chunks.closing(event))
-                        if len(finished) == accepted.choices:
-                            outcome.usage = make_usage(accepted.prompt_tokens, finished)
-                            outcome.finish_reason = ",".join(done.finish_reason for done in finished)
-                            if include_usage:
-                                yield sse(chunks.usage(outcome.usage))
-                    elif isinstance(event, Failed):
-                        # The 200 header is gone already: report the error in-band, as OpenAI does.
-                        yield sse(ApiError(500, event.message, type="server_error").body())
-            except (RayTaskError, RayActorError):
-                logger.exception("decoder stream failed")
-                yield sse(ApiError(500, "internal error while decoding", type="server_error").body())
-            yield sse("[DONE]")
-            finished_normally = True
-        finally:
-            if not finished_normally:  # the client left: stop the decoder's row now
-                outcome.client_left = True
-                events.cancel()
+            async for event in events:
+                if isinstance(event, TextDelta):
+                    progress.text()
+                    yield sse(chunks.delta(event))
+                elif isinstance(event, Finished):
+                    finished.append(event)
+                    yield sse(chunks.closing(event))
+                    if len(finished) == accepted.choices:
+                        outcome.usage = make_usage(accepted.prompt_tokens, finished)
+                        outcome.finish_reason = ",".join(done.finish_reason for done in finished)
+                        progress.finished(accepted.prompt_tokens, finished)
+                        if chunks.header.include_usage:
+                            yield sse(chunks.usage(outcome.usage))
+                elif isinstance(event, Failed):
+                    # The 200 header is gone already: report the error in-band, as OpenAI does.
+                    yield sse(ApiError(500, event.message, type="server_error").body())
+        except (RayTaskError, RayActorError):
+            logger.exception("decoder stream failed")
+            yield sse(ApiError(500, "internal error while decoding", type="server_error").body())
+        outcome.streamed_to_end = True
+        yield sse("[DONE]")

@@ -1,5 +1,8 @@
-"""Serving metrics through `ray.util.metrics`, so they appear on Ray's Prometheus endpoint and
-dashboard (names get Ray's `ray_` prefix there), and the one-line-per-request log.
+"""Serving metrics: through `ray.util.metrics`, so they appear on Ray's Prometheus endpoint and
+dashboard (names get Ray's `ray_` prefix there), and, for `/metrics` on the serving port, the same
+request-level figures in a `prometheus_client` registry of each ingress replica (vLLM's set: time
+to first token, time per output token, queue time, waiting and running requests, tokens per
+forward, requests by status).
 
 Create these objects inside replicas only: a metric belongs to the process that records it.
 """
@@ -9,6 +12,7 @@ from __future__ import annotations
 import logging
 from functools import cache
 
+import prometheus_client
 from ray.util.metrics import Counter, Histogram
 
 from cllm import RowStats
@@ -53,6 +57,60 @@ class DecoderMetrics:
             self.tokens_per_forward.observe(stats.tokens_per_forward, tags=self._tags)
 
 
+class ServingMetrics:
+    """What `/metrics` shows, in Prometheus text: one registry per ingress replica."""
+
+    def __init__(self):
+        self.registry = prometheus_client.CollectorRegistry()
+        registry = self.registry
+        self.requests = prometheus_client.Counter(
+            "cllm_http_requests", "HTTP requests by route and status code.", ("route", "status"), registry=registry
+        )
+        self.latency = prometheus_client.Histogram(
+            "cllm_http_request_latency_seconds", "HTTP request latency to the last byte.", ("route",),
+            buckets=LATENCY_BOUNDARIES_S, registry=registry,
+        )
+        self.time_to_first_token = prometheus_client.Histogram(
+            "cllm_time_to_first_token_seconds", "From the request's arrival to its first generated text.",
+            buckets=LATENCY_BOUNDARIES_S, registry=registry,
+        )
+        self.time_per_output_token = prometheus_client.Histogram(
+            "cllm_time_per_output_token_seconds", "Time per generated token after the first.",
+            buckets=[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1], registry=registry,
+        )
+        self.queue_time = prometheus_client.Histogram(
+            "cllm_queue_time_seconds", "Time a row waited for a slot in a decoder's engine.",
+            buckets=LATENCY_BOUNDARIES_S, registry=registry,
+        )
+        self.tokens_per_forward = prometheus_client.Histogram(
+            "cllm_tokens_per_forward", "Generated tokens per forward pass, per row.",
+            buckets=TOKENS_PER_FORWARD_BOUNDARIES, registry=registry,
+        )
+        self.waiting = prometheus_client.Gauge(
+            "cllm_num_requests_waiting", "Requests sent to the decoders that have no text yet.", registry=registry
+        )
+        self.running = prometheus_client.Gauge(
+            "cllm_num_requests_running", "Requests whose text is being generated.", registry=registry
+        )
+        self.generated_tokens = prometheus_client.Counter(
+            "cllm_generation_tokens", "Generated tokens.", registry=registry
+        )
+        self.prompt_tokens = prometheus_client.Counter("cllm_prompt_tokens", "Prompt tokens.", registry=registry)
+
+    def record(self, route: str, status: int, latency_s: float) -> None:
+        self.requests.labels(route, str(status)).inc()
+        self.latency.labels(route).observe(latency_s)
+
+    def record_row(self, completion_tokens: int, forwards: int, queue_s: float) -> None:
+        self.queue_time.observe(queue_s)
+        self.generated_tokens.inc(completion_tokens)
+        if forwards:
+            self.tokens_per_forward.observe(completion_tokens / forwards)
+
+    def text(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)
+
+
 class IngressMetrics:
     """HTTP requests by route and status code, and their latency (to the last byte)."""
 
@@ -72,9 +130,16 @@ class IngressMetrics:
     def record(self, route: str, status: int, latency_s: float) -> None:
         self.requests.inc(tags={"route": route, "status": str(status)})
         self.latency.observe(latency_s, tags={"route": route})
+        serving_metrics().record(route, status, latency_s)
 
 
 @cache
 def ingress_metrics() -> IngressMetrics:
     """One set per ingress replica process, made on first use (that is, inside the replica)."""
     return IngressMetrics()
+
+
+@cache
+def serving_metrics() -> ServingMetrics:
+    """The `/metrics` registry of this ingress replica process."""
+    return ServingMetrics()

@@ -1,11 +1,14 @@
 """The OpenAI HTTP contract: request schemas, response bodies and the error shape.
 
-Requests are validated strictly. Sampling (`temperature`, `top_p`, `seed`, and vLLM's `top_k`),
-several choices (`n`) and log-probabilities are served; fields that would change the output in a
-way this server cannot honour (penalties, echo, best_of, tools) are accepted only at their neutral
-value and otherwise rejected with 400; unknown fields are rejected too, so nothing is silently
-ignored. `n_token` (the Jacobi block size) is this server's extension. An absent `temperature`
-means the server's default (greedy unless configured otherwise), not OpenAI's 1.
+Requests are validated strictly for types; `null` means absent everywhere. Sampling
+(`temperature`, `top_p`, `seed`, vLLM's `top_k`), several choices (`n`), several prompts,
+`echo`, log-probabilities (of the prompt too, with `echo`) and vLLM's `stop_token_ids`, `ignore_eos`, `min_tokens` and
+`include_stop_str_in_output` are served. Fields that would change the output in a way this server
+cannot honour (penalties, logit_bias, best_of, suffix, tools, a non-text response_format, echo
+with logprobs in a stream) are accepted only at their neutral value and otherwise rejected with 400. Unknown
+fields are accepted and logged, as vLLM does. `n_token` (the Jacobi block size) is this server's
+extension. An absent `temperature` means the server's default (greedy unless configured
+otherwise), not OpenAI's 1.
 """
 
 from __future__ import annotations
@@ -14,11 +17,16 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Annotated, Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 MAX_STOP_SEQUENCES = 4  # as in OpenAI's API
+MAX_STOP_LENGTH = 256  # characters per stop sequence: bounds the work of holding text back
+MAX_STOP_TOKEN_IDS = 64
+MAX_PROMPTS = 64  # prompts in one completions request
+MAX_ROWS = 64  # prompts times n: the rows one request may occupy
+MAX_DETOKENIZE_TOKENS = 1_000_000
 MAX_CHOICES = 16
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
 INT64 = 2**63
@@ -47,25 +55,40 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "list", "dict", "none", "null"})
+
+
+def _is_field(part: str | int) -> bool:
+    """A location part that names a field or an index, not a union member's type (pydantic puts
+    `str`, `list[int]`, `function-after[...]` and such into the location of union errors)."""
+    text = str(part)
+    return not (text in _TYPE_TAGS or "[" in text or text.startswith("function-"))
+
+
 def from_validation_error(error: ValidationError) -> ApiError:
     """The first pydantic complaint as a 400, naming the offending field as `param`."""
     first = error.errors()[0]
-    param = ".".join(str(part) for part in first["loc"]) or None
+    param = ".".join(str(part) for part in first["loc"] if _is_field(part)) or None
     reason = first["msg"].removeprefix("Value error, ")
     message = reason if param is None else f"{param}: {reason}"
     return ApiError(400, message, param=param, code="invalid_value")
 
 
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
-    include_usage: bool = False
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    include_usage: bool | None = None
 
 
 class _GenerationParameters(BaseModel):
-    """Fields shared by completions and chat completions."""
+    """Fields shared by completions and chat completions. Unknown fields are kept in
+    `model_extra` (the ingress logs them, as vLLM does); `null` means absent for every field."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="allow", strict=True)
 
     model: str
     max_tokens: int | None = Field(default=None, ge=1)
@@ -73,14 +96,20 @@ class _GenerationParameters(BaseModel):
     temperature: float | None = Field(default=None, ge=0, le=2)
     top_p: float | None = Field(default=None, gt=0, le=1)
     top_k: int | None = Field(default=None, ge=-1, description="0 or -1: no limit (vLLM's extension)")
-    n: int = Field(default=1, ge=1, le=MAX_CHOICES)
+    n: int | None = Field(default=None, ge=1, le=MAX_CHOICES)
     seed: int | None = Field(default=None, ge=-INT64, lt=INT64)
-    stream: bool = False
+    stream: bool | None = None
     stream_options: StreamOptions | None = None
     user: str | None = None
     presence_penalty: float | None = None
     frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
     n_token: int | None = Field(default=None, ge=1, description="Jacobi block size (extension)")
+    # vLLM's extensions
+    stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
+    ignore_eos: bool | None = None
+    min_tokens: int | None = Field(default=None, ge=0)
+    include_stop_str_in_output: bool | None = None
 
     @field_validator("temperature", "top_p", "presence_penalty", "frequency_penalty", mode="before")
     @classmethod
@@ -96,6 +125,8 @@ class _GenerationParameters(BaseModel):
             raise ValueError(f"at most {MAX_STOP_SEQUENCES} stop sequences are supported")
         if any(sequence == "" for sequence in sequences):
             raise ValueError("stop sequences must not be empty")
+        if any(len(sequence) > MAX_STOP_LENGTH for sequence in sequences):
+            raise ValueError(f"stop sequences must be at most {MAX_STOP_LENGTH} characters long")
         return value
 
     @field_validator("presence_penalty", "frequency_penalty")
@@ -105,11 +136,32 @@ class _GenerationParameters(BaseModel):
             raise ValueError("penalties are not supported: they must be 0 or absent")
         return value
 
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        if value:
+            raise ValueError("logit_bias is not supported: it must be empty or absent")
+        return value
+
     @model_validator(mode="after")
     def _stream_options_need_stream(self) -> _GenerationParameters:
         if self.stream_options is not None and not self.stream:
             raise ValueError("stream_options is only allowed with stream=true")
         return self
+
+    @model_validator(mode="after")
+    def _min_tokens_within_max_tokens(self) -> _GenerationParameters:
+        if self.min_tokens and self.token_limit is not None and self.min_tokens > self.token_limit:
+            raise ValueError("min_tokens must be at most max_tokens")
+        return self
+
+    @property
+    def token_limit(self) -> int | None:
+        return self.max_tokens
+
+    @property
+    def choices_per_prompt(self) -> int:
+        return self.n or 1
 
     @property
     def stop_sequences(self) -> tuple[str, ...]:
@@ -117,28 +169,84 @@ class _GenerationParameters(BaseModel):
 
     @property
     def include_usage_chunk(self) -> bool:
-        return self.stream_options is not None and self.stream_options.include_usage
+        return bool(self.stream_options is not None and self.stream_options.include_usage)
 
     @property
     def top_k_limit(self) -> int:
         return max(self.top_k or 0, 0)
 
+    @property
+    def unknown_fields(self) -> list[str]:
+        return sorted(self.model_extra or {})
+
+
+TokenIds = Annotated[list[int], Field(min_length=1)]
+
 
 class CompletionRequest(_GenerationParameters):
-    """POST /v1/completions. `prompt` is a string or a list of token ids (one prompt)."""
+    """POST /v1/completions. `prompt`: a string, a list of strings, token ids, or a list of
+    token-id lists; each prompt gets `n` choices."""
 
-    prompt: str | list[int]
-    echo: bool = False
+    prompt: str | Annotated[list[str], Field(min_length=1, max_length=MAX_PROMPTS)] | TokenIds | Annotated[
+        list[TokenIds], Field(min_length=1, max_length=MAX_PROMPTS)
+    ]
+    echo: bool | None = None
     logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS, description="alternatives per token")
-    best_of: Literal[1] | None = None
-    suffix: None = None
+    best_of: int | None = None
+    suffix: str | None = None
 
-    @field_validator("echo")
+    @field_validator("prompt", mode="before")
     @classmethod
-    def _no_echo(cls, value: bool) -> bool:
-        if value:
-            raise ValueError("echo is not supported")
+    def _prompt_shape(cls, value: Any) -> Any:
+        def token_ids(item: Any) -> bool:
+            return isinstance(item, list) and bool(item) and all(_is_int(token) for token in item)
+
+        if not (
+            isinstance(value, str)
+            or token_ids(value)
+            or isinstance(value, list) and bool(value) and (
+                all(isinstance(item, str) for item in value) or all(token_ids(item) for item in value)
+            )
+        ):
+            raise ValueError(
+                "prompt must be a string, a non-empty list of strings, a non-empty list of token ids, or a"
+                " non-empty list of non-empty lists of token ids"
+            )
         return value
+
+    @field_validator("best_of")
+    @classmethod
+    def _best_of_is_n(cls, value: int | None) -> int | None:
+        if value not in (None, 1):
+            raise ValueError("best_of is not supported: it must be 1 or absent")
+        return value
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, value: str | None) -> str | None:
+        if value:
+            raise ValueError("suffix is not supported")
+        return value
+
+    @model_validator(mode="after")
+    def _bounded_rows(self) -> CompletionRequest:
+        if len(self.prompts) * self.choices_per_prompt > MAX_ROWS:
+            raise ValueError(f"prompts times n must be at most {MAX_ROWS}")
+        return self
+
+    @model_validator(mode="after")
+    def _prompt_logprobs_not_streamed(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None and self.stream:
+            raise ValueError("echo with logprobs (the prompt's log-probabilities) is served without streaming only")
+        return self
+
+    @property
+    def prompts(self) -> tuple[str | tuple[int, ...], ...]:
+        if isinstance(self.prompt, str):
+            return (self.prompt,)
+        if all(isinstance(item, int) for item in self.prompt):
+            return (tuple(self.prompt),)
+        return tuple(item if isinstance(item, str) else tuple(item) for item in self.prompt)
 
 
 class TextPart(BaseModel):
@@ -149,15 +257,30 @@ class TextPart(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="allow")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    content: str | list[TextPart] | None = None
     name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _text_parts_only(cls, value: Any) -> Any:
+        if isinstance(value, list) and any(not isinstance(part, dict) or part.get("type") != "text" for part in value):
+            raise ValueError("only text content parts ({\"type\": \"text\", \"text\": ...}) are supported")
+        return value
 
     @property
     def text(self) -> str:
+        if self.content is None:
+            return ""
         return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
+
+
+class ResponseFormat(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+    type: str
 
 
 class ChatCompletionRequest(_GenerationParameters):
@@ -167,6 +290,30 @@ class ChatCompletionRequest(_GenerationParameters):
     max_completion_tokens: int | None = Field(default=None, ge=1)
     logprobs: bool | None = None
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_LOGPROBS)
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    response_format: ResponseFormat | None = None
+
+    @field_validator("tools")
+    @classmethod
+    def _no_tools(cls, value: list[dict[str, Any]] | None) -> list[dict[str, Any]] | None:
+        if value:
+            raise ValueError("tools (function calling) are not supported by this server")
+        return value
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _no_tool_choice(cls, value: str | dict[str, Any] | None) -> str | dict[str, Any] | None:
+        if value not in (None, "none"):
+            raise ValueError("tool_choice is not supported: it must be 'none' or absent")
+        return value
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, value: ResponseFormat | None) -> ResponseFormat | None:
+        if value is not None and value.type != "text":
+            raise ValueError("only response_format {\"type\": \"text\"} is supported")
+        return value
 
     @model_validator(mode="after")
     def _one_token_limit(self) -> ChatCompletionRequest:
@@ -188,6 +335,32 @@ class ChatCompletionRequest(_GenerationParameters):
     @property
     def token_limit(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class TokenizeRequest(BaseModel):
+    """POST /tokenize (vLLM's): a prompt, or chat messages rendered with the chat template."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = Field(default=None, min_length=1)
+    add_special_tokens: bool | None = None
+
+    @model_validator(mode="after")
+    def _one_input(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class DetokenizeRequest(BaseModel):
+    """POST /detokenize (vLLM's)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    model: str | None = None
+    tokens: list[int] = Field(max_length=MAX_DETOKENIZE_TOKENS)
 
 
 # -- response bodies -----------------------------------------------------------------------------
@@ -214,7 +387,7 @@ class TokenLogprobs(Protocol):
     and the likeliest alternatives as (text, value) pairs)."""
 
     token: str
-    logprob: float
+    logprob: float | None
     top: tuple[tuple[str, float], ...]
 
 
@@ -226,6 +399,7 @@ class Choice:
     text: str
     finish_reason: str
     logprobs: Sequence[TokenLogprobs] | None = None  # None: not asked for
+    stop_reason: str | int | None = None  # vLLM's: the stop string or stop token id that matched
 
 
 def completion_logprobs(entries: Sequence[TokenLogprobs], text_offset: int = 0) -> dict[str, Any]:
@@ -238,7 +412,10 @@ def completion_logprobs(entries: Sequence[TokenLogprobs], text_offset: int = 0) 
     return {
         "tokens": [entry.token for entry in entries],
         "token_logprobs": [entry.logprob for entry in entries],
-        "top_logprobs": [dict(entry.top) | {entry.token: entry.logprob} for entry in entries],
+        # A prompt's first token (echo) has no log-probability: null, as OpenAI's.
+        "top_logprobs": [
+            None if entry.logprob is None else dict(entry.top) | {entry.token: entry.logprob} for entry in entries
+        ],
         "text_offset": offsets,
     }
 
@@ -264,11 +441,13 @@ def chat_logprobs(entries: Sequence[TokenLogprobs]) -> dict[str, Any]:
     }
 
 
-def completion_body(response_id: str, model: str, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
+def completion_body(
+    response_id: str, model: str, choices: Sequence[Choice], usage: Usage, created: int
+) -> dict[str, Any]:
     return {
         "id": response_id,
         "object": "text_completion",
-        "created": now(),
+        "created": created,
         "model": model,
         "choices": [
             {
@@ -276,6 +455,7 @@ def completion_body(response_id: str, model: str, choices: Sequence[Choice], usa
                 "text": choice.text,
                 "logprobs": None if choice.logprobs is None else completion_logprobs(choice.logprobs),
                 "finish_reason": choice.finish_reason,
+                "stop_reason": choice.stop_reason,
             }
             for choice in choices
         ],
@@ -283,28 +463,11 @@ def completion_body(response_id: str, model: str, choices: Sequence[Choice], usa
     }
 
 
-def completion_chunk(
-    response_id: str,
-    model: str,
-    text: str,
-    finish_reason: str | None = None,
-    index: int = 0,
-    logprobs: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "text_completion",
-        "created": now(),
-        "model": model,
-        "choices": [{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
-
-
-def chat_body(response_id: str, model: str, choices: Sequence[Choice], usage: Usage) -> dict[str, Any]:
+def chat_body(response_id: str, model: str, choices: Sequence[Choice], usage: Usage, created: int) -> dict[str, Any]:
     return {
         "id": response_id,
         "object": "chat.completion",
-        "created": now(),
+        "created": created,
         "model": model,
         "choices": [
             {
@@ -312,6 +475,7 @@ def chat_body(response_id: str, model: str, choices: Sequence[Choice], usage: Us
                 "message": {"role": "assistant", "content": choice.text},
                 "logprobs": None if choice.logprobs is None else chat_logprobs(choice.logprobs),
                 "finish_reason": choice.finish_reason,
+                "stop_reason": choice.stop_reason,
             }
             for choice in choices
         ],
@@ -319,38 +483,52 @@ def chat_body(response_id: str, model: str, choices: Sequence[Choice], usage: Us
     }
 
 
-def chat_chunk(
-    response_id: str,
-    model: str,
+@dataclass(frozen=True)
+class StreamHeader:
+    """What every chunk of one stream repeats: one id, one `created` and, when the client asked
+    for a usage chunk, `"usage": null` on all the others (as OpenAI defines include_usage)."""
+
+    response_id: str
+    model: str
+    object_name: str
+    created: int
+    include_usage: bool = False
+
+    def chunk(self, choices: list[dict[str, Any]], usage: Usage | None = None) -> dict[str, Any]:
+        body = {
+            "id": self.response_id, "object": self.object_name, "created": self.created, "model": self.model,
+            "choices": choices,
+        }
+        if self.include_usage:
+            body["usage"] = None if usage is None else usage.model_dump()
+        return body
+
+
+def completion_choice_chunk(
+    text: str,
+    finish_reason: str | None = None,
+    index: int = 0,
+    logprobs: dict[str, Any] | None = None,
+    stop_reason: str | int | None = None,
+) -> dict[str, Any]:
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
+
+
+def chat_choice_chunk(
     delta: dict[str, str],
     finish_reason: str | None = None,
     index: int = 0,
     logprobs: dict[str, Any] | None = None,
+    stop_reason: str | int | None = None,
 ) -> dict[str, Any]:
-    return {
-        "id": response_id,
-        "object": "chat.completion.chunk",
-        "created": now(),
-        "model": model,
-        "choices": [{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}],
-    }
+    return {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+            "stop_reason": stop_reason}
 
 
-def usage_chunk(response_id: str, model: str, object_name: str, usage: Usage) -> dict[str, Any]:
-    """The extra last chunk of `stream_options.include_usage`: no choices, only usage."""
-    return {
-        "id": response_id,
-        "object": object_name,
-        "created": now(),
-        "model": model,
-        "choices": [],
-        "usage": usage.model_dump(),
-    }
+def models_body(model: str, created: int, max_model_len: int | None) -> dict[str, Any]:
+    return {"object": "list", "data": [model_card(model, created, max_model_len)]}
 
 
-def models_body(model: str, created: int) -> dict[str, Any]:
-    return {"object": "list", "data": [model_card(model, created)]}
-
-
-def model_card(model: str, created: int) -> dict[str, Any]:
-    return {"id": model, "object": "model", "created": created, "owned_by": "cllm"}
+def model_card(model: str, created: int, max_model_len: int | None) -> dict[str, Any]:
+    return {"id": model, "object": "model", "created": created, "owned_by": "cllm", "max_model_len": max_model_len}

@@ -171,3 +171,22 @@ def hf_greedy(model, input_ids, mask, max_new_tokens, eos_token_id=None) -> list
             generated = generated[: generated.index(eos_token_id) + 1]
         outputs.append(generated)
     return outputs
+
+
+def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
+    """A Llama-style tokenizer built offline: printable ASCII pieces, `▁` for spaces, and the 256
+    `<0xXX>` byte tokens for everything else, so every non-ASCII character (accents, CJK, emoji)
+    is spelled as 2 to 4 byte tokens, each of which alone decodes to U+FFFD."""
+    from tokenizers import decoders, normalizers, pre_tokenizers
+
+    pieces = ["<unk>", "<s>", "</s>"] + [f"<0x{byte:02X}>" for byte in range(256)]
+    pieces += ["▁"] + [chr(code) for code in range(33, 127)] + ["▁t", "he", "▁the"]
+    vocab = {piece: index for index, piece in enumerate(pieces)}
+    merges = [("▁", "t"), ("h", "e"), ("▁t", "he")]
+    backend = Tokenizer(models.BPE(vocab, merges, unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    backend.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=False)
+    backend.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")

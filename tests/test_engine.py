@@ -206,3 +206,52 @@ def test_logprobs_equal_teacher_forced_logprobs(model, temperature, n_token):
         top_values, top_ids = forced.topk(3, dim=-1)
         assert [[token for token, _ in entry.top] for entry in logprobs] == top_ids.tolist()
         assert torch.allclose(torch.tensor([[v for _, v in entry.top] for entry in logprobs]), top_values, atol=1e-4)
+
+
+def test_min_tokens_masks_eos_like_generate_min_new_tokens(model):
+    """EOS is forbidden before `min_tokens` (its logits masked, as vLLM and HF do), in every
+    block position, so greedy Jacobi output equals `generate(min_new_tokens=...)` exactly."""
+    prompt = prompt_of(6, seed=11)
+    free = reference(model, prompt, 24)
+    first = next(k for k in range(2, 10) if free[k] not in free[:k])
+    eos = free[first]  # a greedy token's first appearance: without min_tokens the output ends there
+    for n_token in (1, 4, 8):
+        engine = Engine(model, max_rows=2)
+        early = engine.add_request(prompt, RequestParams(max_new_tokens=24, n_token=n_token,
+                                                         eos_token_ids=frozenset({eos})))
+        late = engine.add_request(prompt, RequestParams(max_new_tokens=24, n_token=n_token,
+                                                        eos_token_ids=frozenset({eos}), min_tokens=10))
+        finished = run_all(engine)
+        assert finished[early].tokens == free[: first + 1]
+        ids = torch.tensor([prompt])
+        expected = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=24, min_new_tokens=10,
+                                  do_sample=False, eos_token_id=eos, pad_token_id=eos)[0, len(prompt):].tolist()
+        expected = expected[: expected.index(eos) + 1] if eos in expected else expected
+        assert finished[late].tokens == expected and len(expected) > 10 and eos not in expected[:10]
+
+
+def test_prompt_logprobs_equal_a_plain_forward_and_leave_the_output_unchanged(model):
+    """`prompt_logprobs`: each prompt token's log-probability given those before it (what
+    `echo` with `logprobs` returns), from the prefill; rows without it share their prefill."""
+    prompts = [prompt_of(7, seed=21), prompt_of(4, seed=22), prompt_of(9, seed=23)]
+    engine = Engine(model, max_rows=3)
+    ids = [
+        engine.add_request(prompts[0], RequestParams(max_new_tokens=5, n_token=4)),
+        engine.add_request(prompts[1], RequestParams(max_new_tokens=5, n_token=4, prompt_logprobs=2)),
+        engine.add_request(prompts[2], RequestParams(max_new_tokens=5, n_token=4, prompt_logprobs=0)),
+    ]
+    finished = run_all(engine)
+    assert finished[ids[0]].prompt_logprobs is None
+    for request_id, prompt, k in zip(ids[1:], prompts[1:], (2, 0)):
+        with torch.no_grad():
+            expected = model(torch.tensor([prompt])).logits[0, :-1].float().log_softmax(-1)
+        entries = finished[request_id].prompt_logprobs
+        assert [entry.token for entry in entries] == prompt[1:]
+        assert [entry.logprob for entry in entries] == pytest.approx(
+            expected.gather(-1, torch.tensor(prompt[1:])[:, None]).squeeze(-1).tolist(), abs=1e-4
+        )
+        assert all(len(entry.top) == k for entry in entries)
+        if k:
+            assert [entry.top[0][0] for entry in entries] == expected.argmax(-1).tolist()
+    for request_id, prompt in zip(ids, prompts):
+        assert finished[request_id].tokens == reference(model, prompt, 5)
