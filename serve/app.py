@@ -17,39 +17,25 @@ import os
 
 import ray
 import torch
-from pydantic import BaseModel, Field
+from pydantic import Field
 from ray import serve
 
 from cllm_pipelines.common import Request, require_resources
-from cllm_serve.batching import Scheduler
-from cllm_serve.decoder import Decoder, DecoderSettings, Mode
+from cllm_serve.decoder import Decoder, DecoderSettings
 from cllm_serve.ingress import IngressSettings, OpenAIIngress
 
 # -- the application builder ----------------------------------------------------------------------
 
 
-class BuilderArgs(BaseModel):
-    """`serve run serve.app:build_app key=value ...` arguments, or `args:` in serve/config.yaml.
+class BuilderArgs(DecoderSettings):
+    """`serve run serve.app:build_app key=value ...` arguments, or `args:` in serve/config.yaml:
+    the decoder's settings (`DecoderSettings`, their one home) plus the deployments' options.
 
     Deployment options given under `deployments:` in a Serve config override the ones set here."""
 
-    model: str = Field(default="toy", description="local directory, hub id or toy name")
     served_model_name: str | None = Field(
         default=None, description="the `model` clients send; default: model"
     )
-    mode: Mode = "jacobi"
-    scheduler: Scheduler = Field(
-        default="continuous", description="continuous: join between iterations; dynamic: the old whole batches"
-    )
-    n_token: int = Field(default=16, ge=1)
-    max_n_token: int = Field(default=64, ge=1)
-    default_max_tokens: int | None = Field(
-        default=None, ge=1, description="chat requests without max_tokens; default: the rest of the context"
-    )
-    default_temperature: float = Field(default=0.0, ge=0, le=2, description="for requests that give none")
-    max_batch_size: int = Field(default=8, ge=1, description="rows decoded together; 1 turns batching off")
-    batch_wait_ms: float = Field(default=5.0, ge=0, description="scheduler=dynamic: wait for company")
-    max_prefill_tokens: int = Field(default=8192, ge=1, description="prompt tokens admitted per engine step")
     graceful_shutdown_timeout_s: float = Field(
         default=120, ge=0, description="how long a stopping decoder replica drains its streams"
     )
@@ -94,18 +80,7 @@ def check_capacity(request: Request, wait_s: float) -> None:
 def build_app(args: BuilderArgs) -> serve.Application:
     """The application for `args`, after checking that the cluster can hold `min_replicas`
     decoders: an impossible request fails here, at once, instead of leaving replicas pending."""
-    decoder_settings = DecoderSettings(
-        model=args.model,
-        mode=args.mode,
-        scheduler=args.scheduler,
-        n_token=args.n_token,
-        max_n_token=args.max_n_token,
-        default_max_tokens=args.default_max_tokens,
-        default_temperature=args.default_temperature,
-        max_batch_size=args.max_batch_size,
-        batch_wait_ms=args.batch_wait_ms,
-        max_prefill_tokens=args.max_prefill_tokens,
-    )
+    decoder_settings = DecoderSettings(**args.model_dump(include=set(DecoderSettings.model_fields)))
     num_gpus = args.num_gpus if args.num_gpus is not None else float(torch.cuda.is_available())
     if args.min_replicas > 0:
         check_capacity(Request("min_replicas", args.min_replicas, cpus=args.num_cpus, gpus=num_gpus),
