@@ -31,7 +31,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cllm.hf import load_model
@@ -82,16 +82,8 @@ BUDGETS = {
 # number of training blocks (and optimizer steps) takes three times the prompts.
 DOMAIN_BUDGETS = {
     "sql": {
-        "quick": Budget(
-            train_prompts=3000, n_token=16, collect_max_new_tokens=64, train_epochs=3, train_max_steps=None,
-            train_lr=3e-4,
-            eval_prompts=500, eval_n_tokens=(8, 16), eval_max_new_tokens=64, eval_repeats=1,
-        ),
-        "long": Budget(
-            train_prompts=9000, n_token=16, collect_max_new_tokens=64, train_epochs=3, train_max_steps=None,
-            train_lr=3e-4,
-            eval_prompts=1000, eval_n_tokens=(8, 16), eval_max_new_tokens=64, eval_repeats=1,
-        ),
+        name: replace(BUDGETS[name], train_prompts=prompts, collect_max_new_tokens=64, eval_max_new_tokens=64)
+        for name, prompts in (("quick", 3000), ("long", 9000))
     },
 }
 
