@@ -12,9 +12,9 @@ from cllm import toy
 from cllm.hf import load_model
 from cllm.metrics import repetition_rate
 from cllm.toy import code as toy_code
+from cllm.toy import is_heldout_question, sql_schema, teacher
 from cllm.toy import math as toy_math
 from cllm.toy import sql as toy_sql
-from cllm.toy import sql_schema, teacher
 from cllm.toy.tasks import check_answer, exact_match, toy_prompts
 
 # A teacher that builds in seconds: the real pipeline (tokenizer, training, held-out loss, save)
@@ -53,7 +53,7 @@ def test_math_prompts_are_formatted_stable_and_distinct():
         assert p.prompt.startswith("Question: ") and p.prompt.endswith("\nAnswer:")
         assert toy_math.final_number(p.answer) is not None
         assert p.domain == "math" and p.split == "heldout"
-    assert len(toy_prompts("train", "math")) == toy_math.TRAIN_PROMPTS
+    assert len(toy_prompts("train", "math")) == toy_math.TASK.train_prompts
 
 
 def test_math_answers_are_arithmetically_right():
@@ -72,7 +72,7 @@ def _equations(answer: str) -> list[tuple[int, str, int, int]]:
 def test_math_splits_share_no_question():
     train = {p.prompt for p in toy_prompts("train", "math", limit=20_000)}
     heldout = {p.prompt for p in toy_prompts("heldout", "math")}
-    assert len(heldout) == toy_math.HELDOUT_PROMPTS
+    assert len(heldout) == toy_math.TASK.heldout_prompts
     assert not train & heldout
 
 
@@ -248,7 +248,7 @@ def test_sql_prompts_are_spider_style_stable_and_split_by_question():
     questions = {split: {p.prompt.split("\nQuestion: ")[1].removesuffix("\nSQL:") for p in prompts}
                  for split, prompts in (("train", train), ("heldout", heldout))}
     assert not questions["train"] & questions["heldout"]  # no held-out question is ever trained on
-    assert all(toy_sql.is_heldout(q) for q in questions["heldout"])
+    assert all(is_heldout_question(q) for q in questions["heldout"])
     assert len({p.prompt for p in heldout}) == 100
     for p in heldout[:50]:
         assert p.prompt.startswith(toy_sql.PROMPT_HEADER) and p.prompt.endswith("\nSQL:")

@@ -9,6 +9,8 @@ optionally with a split, as in `toy-math:heldout`.
 from __future__ import annotations
 
 import hashlib
+import random
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 DOMAINS = ("math", "code", "sql")
@@ -38,6 +40,55 @@ def stable_hash(text: str) -> int:
 
 def toy_prompt_id(domain: str, text: str) -> str:
     return f"toy-{domain}-{hashlib.sha256(text.encode('utf-8')).hexdigest()[:16]}"
+
+
+QUESTION_HELDOUT_MODULUS = 20  # a generated question is held out when its hash is 0 modulo this (5%)
+
+
+def is_heldout_question(question: str) -> bool:
+    return stable_hash(question) % QUESTION_HELDOUT_MODULUS == 0
+
+
+Draw = Callable[[random.Random, str], tuple[str, ToyPrompt]]
+"""Draws one task instance for a split: (its question, the prompt built from it)."""
+
+
+@dataclass(frozen=True)
+class GeneratedTask:
+    """The splits of a generated domain (math, sql). The question's hash decides the split, so no
+    held-out question can reach training; each split has its own random stream only so that the
+    rarer held-out questions are found fast."""
+
+    domain: str
+    draw: Draw
+    train_prompts: int = 5_000  # `prompts(split, None)`'s defaults
+    heldout_prompts: int = 1_000
+
+    def examples(self, split: str, seed: int) -> Iterator[ToyPrompt]:
+        """Endless stream of distinct prompts of one split."""
+        rng = random.Random(f"toy-{self.domain}-{split}-{seed}")
+        seen: set[str] = set()
+        want_heldout = split == "heldout"
+        while True:
+            question, example = self.draw(rng, split)
+            if is_heldout_question(question) != want_heldout or example.prompt in seen:
+                continue
+            seen.add(example.prompt)
+            yield example
+
+    def training_documents(self, seed: int) -> Iterator[ToyPrompt]:
+        """The teacher's training stream: fresh prompts (repeats allowed), never a held-out question."""
+        rng = random.Random(f"toy-{self.domain}-train-stream-{seed}")
+        while True:
+            question, example = self.draw(rng, "train")
+            if not is_heldout_question(question):
+                yield example
+
+    def prompts(self, split: str, limit: int | None, seed: int) -> list[ToyPrompt]:
+        """The first `limit` prompts of a split (any number works: the stream is endless)."""
+        default = self.train_prompts if split == "train" else self.heldout_prompts
+        stream = self.examples(split, seed)
+        return [next(stream) for _ in range(default if limit is None else limit)]
 
 
 @dataclass(frozen=True)

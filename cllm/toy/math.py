@@ -6,13 +6,8 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Iterator
 
-from cllm.toy import TOY_VERSION, ToyPrompt, stable_hash, toy_prompt_id
-
-HELDOUT_MODULUS = 20  # a question is held out when its hash is 0 modulo this (about 5%)
-TRAIN_PROMPTS = 5_000
-HELDOUT_PROMPTS = 1_000
+from cllm.toy import TOY_VERSION, GeneratedTask, ToyPrompt, toy_prompt_id
 
 _NAMES = ("Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Ava")
 _ITEMS = ("apples", "books", "pens", "cookies", "stickers", "marbles", "cards", "shells", "toys", "coins")
@@ -58,48 +53,18 @@ def problem(rng: random.Random) -> tuple[str, str]:
     return question, answer
 
 
-def is_heldout(question: str) -> bool:
-    return stable_hash(question) % HELDOUT_MODULUS == 0
-
-
 def math_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def _toy_prompt(question: str, answer: str, split: str) -> ToyPrompt:
+def _draw(rng: random.Random, split: str) -> tuple[str, ToyPrompt]:
+    question, answer = problem(rng)
     prompt = math_prompt(question)
-    return ToyPrompt(toy_prompt_id("math", prompt), prompt, " " + answer, "math", split, _SOURCE)
+    return question, ToyPrompt(toy_prompt_id("math", prompt), prompt, " " + answer, "math", split, _SOURCE)
 
 
-def examples(split: str, seed: int) -> Iterator[ToyPrompt]:
-    """Endless stream of distinct problems of one split."""
-    # Different streams per split only make the held-out search fast; the hash decides membership.
-    rng = random.Random(f"toy-math-{split}-{seed}")
-    seen: set[str] = set()
-    want_heldout = split == "heldout"
-    while True:
-        question, answer = problem(rng)
-        if is_heldout(question) != want_heldout or question in seen:
-            continue
-        seen.add(question)
-        yield _toy_prompt(question, answer, split)
-
-
-def training_documents(seed: int) -> Iterator[ToyPrompt]:
-    """The teacher's training stream: fresh problems (repeats allowed), never held-out ones."""
-    rng = random.Random(f"toy-math-train-stream-{seed}")
-    while True:
-        question, answer = problem(rng)
-        if not is_heldout(question):
-            yield _toy_prompt(question, answer, "train")
-
-
-def prompts(split: str, limit: int | None, seed: int) -> list[ToyPrompt]:
-    """`TRAIN_PROMPTS` / `HELDOUT_PROMPTS` distinct problems, or `limit` (any number works: the
-    generator is endless)."""
-    default = TRAIN_PROMPTS if split == "train" else HELDOUT_PROMPTS
-    stream = examples(split, seed)
-    return [next(stream) for _ in range(default if limit is None else limit)]
+TASK = GeneratedTask("math", _draw)
+examples, training_documents, prompts = TASK.examples, TASK.training_documents, TASK.prompts
 
 
 def final_number(text: str) -> int | None:

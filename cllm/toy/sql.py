@@ -12,9 +12,9 @@ import random
 import re
 import sqlite3
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
-from cllm.toy import TOY_VERSION, ToyPrompt, stable_hash, toy_prompt_id
+from cllm.toy import TOY_VERSION, GeneratedTask, ToyPrompt, toy_prompt_id
 from cllm.toy.sql_schema import (
     Rows,
     SchemaTable,
@@ -25,9 +25,6 @@ from cllm.toy.sql_schema import (
     schema_rows,
 )
 
-HELDOUT_MODULUS = 20  # a question is held out when its hash is 0 modulo this (about 5%)
-TRAIN_PROMPTS = 5_000
-HELDOUT_PROMPTS = 1_000
 PROMPT_HEADER = "Translate the question into SQL.\nSchema:\n"
 _SOURCE = f"cllm.toy sql generator v{TOY_VERSION}"
 _MAX_SQLITE_STEPS = 200_000  # VM steps before a generated query is interrupted (a runaway join)
@@ -125,44 +122,14 @@ def problem(rng: random.Random) -> tuple[str, str, str]:
     return schema_text, question, sql
 
 
-def is_heldout(question: str) -> bool:
-    return stable_hash(question) % HELDOUT_MODULUS == 0
-
-
-def _toy_prompt(schema_text: str, question: str, sql: str, split: str) -> ToyPrompt:
+def _draw(rng: random.Random, split: str) -> tuple[str, ToyPrompt]:
+    schema_text, question, sql = problem(rng)
     prompt = sql_prompt(schema_text, question)
-    return ToyPrompt(toy_prompt_id("sql", prompt), prompt, " " + sql, "sql", split, _SOURCE)
+    return question, ToyPrompt(toy_prompt_id("sql", prompt), prompt, " " + sql, "sql", split, _SOURCE)
 
 
-def examples(split: str, seed: int) -> Iterator[ToyPrompt]:
-    """Endless stream of distinct prompts of one split."""
-    rng = random.Random(f"toy-sql-{split}-{seed}")
-    seen: set[str] = set()
-    want_heldout = split == "heldout"
-    while True:
-        schema_text, question, sql = problem(rng)
-        if is_heldout(question) != want_heldout:
-            continue
-        example = _toy_prompt(schema_text, question, sql, split)
-        if example.prompt in seen:
-            continue
-        seen.add(example.prompt)
-        yield example
-
-
-def training_documents(seed: int) -> Iterator[ToyPrompt]:
-    """The teacher's training stream: fresh prompts (repeats allowed), never a held-out question."""
-    rng = random.Random(f"toy-sql-train-stream-{seed}")
-    while True:
-        schema_text, question, sql = problem(rng)
-        if not is_heldout(question):
-            yield _toy_prompt(schema_text, question, sql, "train")
-
-
-def prompts(split: str, limit: int | None, seed: int) -> list[ToyPrompt]:
-    default = TRAIN_PROMPTS if split == "train" else HELDOUT_PROMPTS
-    stream = examples(split, seed)
-    return [next(stream) for _ in range(default if limit is None else limit)]
+TASK = GeneratedTask("sql", _draw)
+examples, training_documents, prompts = TASK.examples, TASK.training_documents, TASK.prompts
 
 
 # -- scoring -----------------------------------------------------------------------------------
