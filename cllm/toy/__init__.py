@@ -49,8 +49,8 @@ def is_heldout_question(question: str) -> bool:
     return stable_hash(question) % QUESTION_HELDOUT_MODULUS == 0
 
 
-Draw = Callable[[random.Random, str], tuple[str, ToyPrompt]]
-"""Draws one task instance for a split: (its question, the prompt built from it)."""
+Draw = Callable[[random.Random], tuple[str, str, str]]
+"""Draws one task instance: (its question, the prompt text, the reference answer)."""
 
 
 @dataclass(frozen=True)
@@ -61,8 +61,14 @@ class GeneratedTask:
 
     domain: str
     draw: Draw
+    source: str  # ToyPrompt.source: the generator's name and version
     train_prompts: int = 5_000  # `prompts(split, None)`'s defaults
     heldout_prompts: int = 1_000
+
+    def _example(self, rng: random.Random, split: str) -> tuple[str, ToyPrompt]:
+        question, prompt, answer = self.draw(rng)
+        example = ToyPrompt(toy_prompt_id(self.domain, prompt), prompt, " " + answer, self.domain, split, self.source)
+        return question, example
 
     def examples(self, split: str, seed: int) -> Iterator[ToyPrompt]:
         """Endless stream of distinct prompts of one split."""
@@ -70,7 +76,7 @@ class GeneratedTask:
         seen: set[str] = set()
         want_heldout = split == "heldout"
         while True:
-            question, example = self.draw(rng, split)
+            question, example = self._example(rng, split)
             if is_heldout_question(question) != want_heldout or example.prompt in seen:
                 continue
             seen.add(example.prompt)
@@ -80,7 +86,7 @@ class GeneratedTask:
         """The teacher's training stream: fresh prompts (repeats allowed), never a held-out question."""
         rng = random.Random(f"toy-{self.domain}-train-stream-{seed}")
         while True:
-            question, example = self.draw(rng, "train")
+            question, example = self._example(rng, "train")
             if not is_heldout_question(question):
                 yield example
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import random
 import re
 
-from cllm.toy import TOY_VERSION, GeneratedTask, ToyPrompt, toy_prompt_id
+from cllm.toy import TOY_VERSION, GeneratedTask
 
 _NAMES = ("Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Ava")
 _ITEMS = ("apples", "books", "pens", "cookies", "stickers", "marbles", "cards", "shells", "toys", "coins")
@@ -57,14 +57,13 @@ def math_prompt(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def _draw(rng: random.Random, split: str) -> tuple[str, ToyPrompt]:
+def _draw(rng: random.Random) -> tuple[str, str, str]:
     question, answer = problem(rng)
-    prompt = math_prompt(question)
-    return question, ToyPrompt(toy_prompt_id("math", prompt), prompt, " " + answer, "math", split, _SOURCE)
+    return question, math_prompt(question), answer
 
 
-TASK = GeneratedTask("math", _draw)
-examples, training_documents, prompts = TASK.examples, TASK.training_documents, TASK.prompts
+TASK = GeneratedTask("math", _draw, _SOURCE)
+training_documents, prompts = TASK.training_documents, TASK.prompts
 
 
 def final_number(text: str) -> int | None:

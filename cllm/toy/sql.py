@@ -14,7 +14,7 @@ import sqlite3
 from collections import Counter
 from collections.abc import Sequence
 
-from cllm.toy import TOY_VERSION, GeneratedTask, ToyPrompt, toy_prompt_id
+from cllm.toy import TOY_VERSION, GeneratedTask
 from cllm.toy.sql_schema import (
     Rows,
     SchemaTable,
@@ -122,14 +122,13 @@ def problem(rng: random.Random) -> tuple[str, str, str]:
     return schema_text, question, sql
 
 
-def _draw(rng: random.Random, split: str) -> tuple[str, ToyPrompt]:
+def _draw(rng: random.Random) -> tuple[str, str, str]:
     schema_text, question, sql = problem(rng)
-    prompt = sql_prompt(schema_text, question)
-    return question, ToyPrompt(toy_prompt_id("sql", prompt), prompt, " " + sql, "sql", split, _SOURCE)
+    return question, sql_prompt(schema_text, question), sql
 
 
-TASK = GeneratedTask("sql", _draw)
-examples, training_documents, prompts = TASK.examples, TASK.training_documents, TASK.prompts
+TASK = GeneratedTask("sql", _draw, _SOURCE)
+training_documents, prompts = TASK.training_documents, TASK.prompts
 
 
 # -- scoring -----------------------------------------------------------------------------------
