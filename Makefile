@@ -29,8 +29,10 @@ $(VENV)/.installed: pyproject.toml
 
 # DeepSpeed JIT-compiles its CPU shared-memory comm op once (about 80 s) into
 # ~/.cache/torch_extensions; building it up front keeps that out of the training tests' timeouts.
+# The venv's ninja builds it, as on the training workers (pipelines/train.py): another ninja
+# version would rebuild it there.
 deepspeed-ops: setup
-	@$(BIN)/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" > /dev/null
+	@PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from deepspeed.accelerator import get_accelerator; get_accelerator().create_op_builder('ShareMemCommBuilder').load()" > /dev/null
 
 lint: setup
 	$(BIN)/ruff check .

@@ -276,7 +276,19 @@ def total_steps(rows: int, args: argparse.Namespace) -> int:
     return min(steps, args.max_steps) if args.max_steps else steps
 
 
+def use_the_interpreters_ninja() -> None:
+    """Put this interpreter's bin directory first on PATH when it holds `ninja` (pip installs one
+    with deepspeed). DeepSpeed JIT-builds its CPU comm op with the first `ninja` on PATH, and ninja
+    releases that hash build commands differently (1.11 and 1.13) rebuild what the other built:
+    a worker that inherits another PATH than `make deepspeed-ops` had would spend a minute on it."""
+    bin_directory = os.path.dirname(sys.executable)
+    path = os.environ.get("PATH", "")
+    if os.path.isfile(os.path.join(bin_directory, "ninja")) and path.split(os.pathsep)[0] != bin_directory:
+        os.environ["PATH"] = bin_directory + os.pathsep + path
+
+
 def train_loop(config: dict[str, Any]) -> None:
+    use_the_interpreters_ninja()
     import deepspeed  # on the workers only
 
     settings: TrainSettings = config["settings"]

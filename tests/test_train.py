@@ -5,7 +5,10 @@ of consistency training on a tiny model's Jacobi TPF."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
+import sys
 from pathlib import Path
 
 import pyarrow as pa
@@ -126,6 +129,19 @@ def test_a_model_at_an_s3_uri_passes_the_input_checks(tiny_run_inputs, s3_server
     assert "vocabulary has 32 ids" in message
     facts = train.model_facts(s3_server.uri("models/tiny"))
     assert facts.vocab_size == VOCAB and facts.pad_id == 0
+
+
+def test_workers_build_deepspeed_ops_with_the_interpreters_ninja(monkeypatch):
+    """The same ninja as `make deepspeed-ops`, whatever PATH a worker inherited: another version
+    would rebuild the cached comm op (about a minute)."""
+    bin_directory = os.path.dirname(sys.executable)
+    if not os.path.isfile(os.path.join(bin_directory, "ninja")):
+        pytest.skip("this interpreter has no ninja of its own")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    train.use_the_interpreters_ninja()
+    train.use_the_interpreters_ninja()
+    assert os.environ["PATH"] == f"{bin_directory}:/usr/bin:/bin"
+    assert shutil.which("ninja") == os.path.join(bin_directory, "ninja")
 
 
 def test_shipped_deepspeed_configs_are_zero_2_and_3():
