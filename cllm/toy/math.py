@@ -63,7 +63,6 @@ def _draw(rng: random.Random) -> tuple[str, str, str]:
 
 
 TASK = GeneratedTask("math", _draw, _SOURCE)
-training_documents, prompts = TASK.training_documents, TASK.prompts
 
 
 def final_number(text: str) -> int | None:

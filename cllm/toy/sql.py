@@ -128,7 +128,6 @@ def _draw(rng: random.Random) -> tuple[str, str, str]:
 
 
 TASK = GeneratedTask("sql", _draw, _SOURCE)
-training_documents, prompts = TASK.training_documents, TASK.prompts
 
 
 # -- scoring -----------------------------------------------------------------------------------

@@ -18,9 +18,9 @@ def toy_prompts(split: str = "train", domain: str | None = None, limit: int | No
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     if domain == "math":
-        return math_task.prompts(split, limit, seed)
+        return math_task.TASK.prompts(split, limit, seed)
     if domain == "sql":
-        return sql_task.prompts(split, limit, seed)
+        return sql_task.TASK.prompts(split, limit, seed)
     return code_task.prompts(split, limit)
 
 

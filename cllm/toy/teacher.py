@@ -103,7 +103,7 @@ def default_config(domain: str | None = None) -> ToyConfig:
 # -- tokenizer ---------------------------------------------------------------------------------
 
 
-_GENERATED = {"math": math_task, "sql": sql_task}  # domains whose training documents are generated
+_GENERATED = {"math": math_task.TASK, "sql": sql_task.TASK}  # domains whose training documents are generated
 
 
 def _tokenizer_corpus(config: ToyConfig) -> list[str]:
