@@ -6,7 +6,9 @@ Two layouts, both right-padded, consumed by `cllm.losses`:
 - `StateBatch`: one sampled student state per row, as separate prefix + state sequences (student,
   next state, fixed point), for plain causal forwards;
 - `PackedBatch`: prefix + every state of the block in one sequence, with the 4D mask and position
-  ids that make each state see only the prefix and itself.
+  ids that make each state see only the prefix and itself. Each state is packed up to its row's
+  `fixed_length` only: later positions are never trained and, the mask being causal, change no
+  trained logit, so a last block that ends early costs only its real tokens.
 
 AR labels cover only generated text (earlier blocks and the fixed point, or the reference answer),
 never the prompt. Chat models and the toy teachers are trained with the prompt masked, so they
@@ -76,7 +78,8 @@ class StateBatch(Movable):
 
 @dataclass
 class PackedBatch(Movable):
-    """prefix + state_0 + … + state_{k-1} per row, right-padded to (B, L)."""
+    """prefix + state_0 + … + state_{k-1} per row, each state cut to the row's fixed_length,
+    right-padded to (B, L)."""
 
     input_ids: torch.Tensor  # (B, L)
     attention_mask: torch.Tensor  # (B, L), 1 on real tokens
@@ -86,6 +89,7 @@ class PackedBatch(Movable):
     state_counts: torch.Tensor  # (B,) k per row; the fixed point is state k - 1
     fixed_length: torch.Tensor  # (B,)
     prediction_index: torch.Tensor  # (B, K, n): index of the logit that predicts states[b, j, i]
+    # (for i >= fixed_length, which no loss counts, that of the state's last packed token)
     ar_labels: torch.Tensor  # (B, L): next-token labels of prefix + fixed point, IGNORE elsewhere
     label_sequences: SequenceBatch | None
 
@@ -193,11 +197,12 @@ _PREFIX, _PAD = -1, -2  # segment ids; states are segments 0..k-1
 
 
 def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: bool = False) -> PackedBatch:
-    """Pack each row as prefix + all its states."""
+    """Pack each row as prefix + all its states, each cut to the row's fixed_length."""
     n_token = _check_rows(rows, labels)
     batch = len(rows)
     max_states = max(len(row.states) for row in rows)
-    width = max(len(row.prefix_ids) + len(row.states) * n_token for row in rows)
+    spans = [max(min(row.fixed_length, n_token), 1) for row in rows]  # packed tokens per state
+    width = max(len(row.prefix_ids) + len(row.states) * span for row, span in zip(rows, spans))
 
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
@@ -207,7 +212,7 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
     ar_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
     block_positions = torch.arange(n_token)
 
-    for b, row in enumerate(rows):
+    for b, (row, span) in enumerate(zip(rows, spans)):
         prefix = torch.tensor(list(row.prefix_ids), dtype=torch.long)
         row_states = torch.tensor([list(state) for state in row.states], dtype=torch.long)
         prefix_length, count = len(prefix), len(row_states)
@@ -217,12 +222,13 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
         position_ids[b, :prefix_length] = torch.arange(prefix_length)
         segments[b, :prefix_length] = _PREFIX
         for j in range(count):
-            start = prefix_length + j * n_token
-            input_ids[b, start : start + n_token] = row_states[j]
-            position_ids[b, start : start + n_token] = prefix_length + block_positions
-            segments[b, start : start + n_token] = j
+            start = prefix_length + j * span
+            input_ids[b, start : start + span] = row_states[j, :span]
+            position_ids[b, start : start + span] = prefix_length + block_positions[:span]
+            segments[b, start : start + span] = j
             # token 0 of a state is predicted by the prefix's last logit, token i by the state's i - 1
-            prediction_index[b, j] = torch.where(block_positions == 0, prefix_length - 1, start + block_positions - 1)
+            within = (block_positions - 1).clamp(max=span - 1)
+            prediction_index[b, j] = torch.where(block_positions == 0, prefix_length - 1, start + within)
         # AR on what the teacher generated: the earlier blocks in the prefix, then the fixed point
         valid = row.fixed_length
         prompt_end = row.prompt_length

@@ -67,10 +67,11 @@ def test_packed_layout_mask_and_positions():
     rows = hand_rows()
     batch = collate_packed(rows, PAD, labels=True)
     assert isinstance(batch, PackedBatch)
-    assert batch.input_ids.shape == (2, 13)  # row 0: 4 + 3·3; row 1: 6 + 2·3
+    assert batch.input_ids.shape == (2, 13)  # row 0: 4 + 3·3; row 1: 6 + 2·2 (fixed_length 2)
     assert batch.input_ids[0].tolist() == [5, 6, 7, 8, 9, 1, 2, 9, 4, 2, 9, 4, 3]
-    assert batch.input_ids[1].tolist() == [20, 21, 22, 23, 24, 25, 30, 1, 1, 30, 31, PAD, PAD]
-    assert batch.attention_mask[1].tolist() == [1] * 12 + [0]
+    assert batch.input_ids[1].tolist() == [20, 21, 22, 23, 24, 25, 30, 1, 30, 31, PAD, PAD, PAD]
+    assert batch.attention_mask[1].tolist() == [1] * 10 + [0] * 3
+    assert batch.position_ids[1, 6:10].tolist() == [6, 7, 6, 7]
     # positions restart after the prefix for each state
     assert batch.position_ids[0].tolist() == [0, 1, 2, 3, 4, 5, 6, 4, 5, 6, 4, 5, 6]
     assert batch.state_counts.tolist() == [3, 2]
@@ -86,12 +87,13 @@ def test_packed_layout_mask_and_positions():
 
     # token 0 of each state is predicted by the last prefix logit, token i by the state's own i - 1
     assert batch.prediction_index[0].tolist() == [[3, 4, 5], [3, 7, 8], [3, 10, 11]]
-    assert batch.prediction_index[1, :2].tolist() == [[5, 6, 7], [5, 9, 10]]
+    # row 1's position 2 is past its fixed_length: never trained, it points at the state's last token
+    assert batch.prediction_index[1, :2].tolist() == [[5, 6, 7], [5, 8, 9]]
     # AR labels: the prefix's generated ids (not the prompt), then the valid fixed point at its
     # prediction indices
     assert batch.ar_labels[0].tolist() == [IGNORE, IGNORE, IGNORE, 9] + [IGNORE] * 6 + [4, 3, IGNORE]
-    assert batch.ar_labels[1].tolist() == [IGNORE, IGNORE, 23, 24, 25, 30] + [IGNORE] * 3 + [31] + [IGNORE] * 3
-    assert batch_tokens(batch) == 13 + 12 + int(batch.label_sequences.attention_mask.sum())
+    assert batch.ar_labels[1].tolist() == [IGNORE, IGNORE, 23, 24, 25, 30, IGNORE, IGNORE, 31] + [IGNORE] * 4
+    assert batch_tokens(batch) == 13 + 10 + int(batch.label_sequences.attention_mask.sum())
 
 
 def test_collate_real_trajectories_any_batch_size():
