@@ -107,6 +107,8 @@ def _check_rows(rows: Sequence[TrajectoryRow], labels: bool) -> int:
             raise ValueError(f"row {row.prompt_id!r} block {row.block_index} has an empty prefix")
         if any(len(state) != n_token for state in row.states):
             raise ValueError(f"all states in a batch must have {n_token} ids (row {row.prompt_id!r})")
+        if not 1 <= row.fixed_length <= n_token:
+            raise ValueError(f"row {row.prompt_id!r} has fixed_length {row.fixed_length}, expected 1..{n_token}")
         if labels and row.label_ids is None:
             raise ValueError(f"row {row.prompt_id!r} has no label_ids, needed for the labels AR target")
     return n_token
@@ -201,8 +203,7 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
     n_token = _check_rows(rows, labels)
     batch = len(rows)
     max_states = max(len(row.states) for row in rows)
-    spans = [max(min(row.fixed_length, n_token), 1) for row in rows]  # packed tokens per state
-    width = max(len(row.prefix_ids) + len(row.states) * span for row, span in zip(rows, spans))
+    width = max(len(row.prefix_ids) + len(row.states) * row.fixed_length for row in rows)
 
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
@@ -212,7 +213,8 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
     ar_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
     block_positions = torch.arange(n_token)
 
-    for b, (row, span) in enumerate(zip(rows, spans)):
+    for b, row in enumerate(rows):
+        span = row.fixed_length  # packed tokens per state
         prefix = torch.tensor(list(row.prefix_ids), dtype=torch.long)
         row_states = torch.tensor([list(state) for state in row.states], dtype=torch.long)
         prefix_length, count = len(prefix), len(row_states)
@@ -230,11 +232,10 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
             within = (block_positions - 1).clamp(max=span - 1)
             prediction_index[b, j] = torch.where(block_positions == 0, prefix_length - 1, start + within)
         # AR on what the teacher generated: the earlier blocks in the prefix, then the fixed point
-        valid = row.fixed_length
         prompt_end = row.prompt_length
         ar_labels[b, prompt_end - 1 : prefix_length - 1] = prefix[prompt_end:]
-        fixed_point_index = prediction_index[b, count - 1, :valid]
-        ar_labels[b, fixed_point_index] = row_states[-1, :valid]
+        fixed_point_index = prediction_index[b, count - 1, :span]
+        ar_labels[b, fixed_point_index] = row_states[-1, :span]
 
     query_segments, key_segments = segments[:, :, None], segments[:, None, :]
     causal = torch.ones((width, width), dtype=torch.bool).tril()

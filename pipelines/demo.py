@@ -84,10 +84,9 @@ BUDGETS = {
 # training blocks (and optimizer steps) take three times the prompts. Its long budget makes one
 # pass over three times the quick's prompts: three passes over the quick's 9,000 (the same steps)
 # reached TPF 3.12 at n = 16 but kept 3.4 points less accuracy than the teacher, one pass over
-# 27,000 reaches TPF 3.28 within 1.6 points (1,000 held-out prompts). On the quick budget a peak
-# rate of 1e-3 reached TPF 2.56-2.66 in three runs, 0 to 2.6 points below the teacher (500
-# prompts), where 3e-4 reached 2.42 two points below it and 3e-3 2.48 2.6 below; the long budget
-# was measured at 3e-4 only.
+# 27,000 reaches TPF 3.28 within 1.6 points (1,000 held-out prompts). The quick budget's peak
+# rate of 1e-3 beat 3e-4 and 3e-3 on TPF, its accuracy within the run-to-run spread (README);
+# the long budget was measured at 3e-4 only.
 _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64}
 _SQL_QUICK_PROMPTS = 3 * BUDGETS["quick"].train_prompts
 DOMAIN_BUDGETS = {

@@ -115,6 +115,7 @@ def test_collate_real_trajectories_any_batch_size():
         ([], "empty list"),
         ([row("x", 0, 1, [1], [[1, 2], [1]])], "must have 2 ids"),
         ([row("x", 0, 0, [], [[1, 2]])], "empty prefix"),
+        ([row("x", 0, 1, [1], [[1, 2]], fixed_length=3)], "fixed_length 3, expected 1..2"),
     ],
 )
 def test_collate_rejects_bad_rows(rows, message):
