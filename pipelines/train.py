@@ -40,7 +40,7 @@ from ray.data.collate_fn import ArrowBatchCollateFn
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from cllm.collate import batch_tokens, collate
+from cllm.collate import batch_tokens, collate, length_groups, packed_width, sample_states
 from cllm.data import ROW_FIELDS, TrajectoryFormatError, TrajectoryRow, summarize_shards
 from cllm.forcing import NoiseSchedule, collate_forcing, group_responses
 from cllm.hf import load_model, model_facts
@@ -87,6 +87,8 @@ class TrainSettings:
     checkpoint_every: int
     pad_token_id: int
     gradient_checkpointing: bool = False
+    packed_states: int | None = None  # states packed per row: all, or this many sampled
+    length_group: int = 16  # micro-batches drawn at a time and grouped by length
     noise: NoiseSchedule | None = None  # set: Jacobi Forcing's objective on whole responses
     verbose: bool = False  # a line per optimizer step instead of a progress line
     fault_marker: str | None = None  # tests only (cllm_pipelines.common.fault_marker)
@@ -123,11 +125,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="fraction of the steps spent warming up (cosine only; default 0.03)")
     parser.add_argument("--batch-size", type=int, default=4,
                         help="rows (blocks; responses for jacobi-forcing) per worker per micro-batch")
+    parser.add_argument("--length-group", type=int, default=16,
+                        help="micro-batches drawn at a time, their rows grouped by length to save padding "
+                             "(default 16; 1: random batches)")
     parser.add_argument("--grad-accum", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
     parser.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                         help="train every state of a block in one forward (default) or one sampled state")
+    parser.add_argument("--packed-states", type=int, default=None, metavar="K",
+                        help="pack K of each block's states, K - 1 sampled before the fixed point and "
+                             "the fixed point, instead of all (global loss only)")
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: less memory, about a third more compute")
     parser.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
@@ -180,16 +188,28 @@ def check_trajectories(uri: str, options: dict, vocab_size: int, ar_target: str)
 class TrajectoryCollate(ArrowBatchCollateFn):
     """Ray Data batch (Arrow) -> `cllm.collate` batch, or `cllm.forcing` batch of responses."""
 
-    def __init__(self, pad_token_id: int, packed: bool, labels: bool, seed: int, noise: NoiseSchedule | None = None):
+    def __init__(self, pad_token_id: int, packed: bool, labels: bool, batch_size: int, seed: int,
+                 noise: NoiseSchedule | None = None, packed_states: int | None = None):
         self.pad_token_id, self.packed, self.labels, self.noise = pad_token_id, packed, labels, noise
+        self.batch_size, self.packed_states = batch_size, packed_states
         self.rng = random.Random(seed)
 
-    def __call__(self, batch: pa.Table):
+    def __call__(self, batch: pa.Table) -> list:
+        """A group of rows -> its micro-batches of `batch_size`, each of rows of similar length."""
         if self.noise is not None:  # one record per response (see `response_record`)
             responses = [response_rows(record) for record in batch.to_pylist()]
-            return collate_forcing(responses, self.pad_token_id, self.noise, rng=self.rng, labels=self.labels)
+            return [collate_forcing(group, self.pad_token_id, self.noise, rng=self.rng, labels=self.labels)
+                    for group in length_groups(responses, response_width, self.batch_size, self.rng)]
         rows = [TrajectoryRow.from_mapping(row) for row in batch.to_pylist()]
-        return collate(rows, self.pad_token_id, packed=self.packed, labels=self.labels, rng=self.rng)
+        if self.packed_states is not None:
+            rows = [sample_states(row, self.packed_states, self.rng) for row in rows]
+        return [collate(group, self.pad_token_id, packed=self.packed, labels=self.labels, rng=self.rng)
+                for group in length_groups(rows, packed_width, self.batch_size, self.rng)]
+
+
+def response_width(blocks: list[TrajectoryRow]) -> int:
+    """The length of a whole response, prompt included: what sets its packed width."""
+    return len(blocks[-1].prefix_ids) + blocks[-1].fixed_length
 
 
 def response_record(group: pa.Table) -> pa.Table:
@@ -268,6 +288,16 @@ def objective_schedule(args: argparse.Namespace) -> NoiseSchedule | None:
         raise InputError(f"--noise-window/--min-noise/--max-noise: {error}") from error
 
 
+def check_packed_states(args: argparse.Namespace) -> None:
+    if args.packed_states is None:
+        return
+    if args.packed_states < 2:
+        raise InputError(f"--packed-states keeps a student and the fixed point: >= 2, got {args.packed_states}")
+    if not args.packed or args.loss != "global" or args.objective != "consistency":
+        raise InputError("--packed-states samples states of packed rows for the global consistency loss: "
+                         "drop --no-packed, --loss local or --objective jacobi-forcing")
+
+
 def total_steps(rows: int, args: argparse.Namespace) -> int:
     """Optimizer steps of the whole run: --max-steps, or what the epochs give (every worker
     drops its last partial batch)."""
@@ -330,13 +360,16 @@ def train_loop(config: dict[str, Any]) -> None:
         if done:
             break
         collate_fn = TrajectoryCollate(
-            settings.pad_token_id, settings.packed, settings.loss.ar_target == "labels",
+            settings.pad_token_id, settings.packed, settings.loss.ar_target == "labels", settings.batch_size,
             seed=settings.seed * 100_003 + epoch * 1009 + rank, noise=settings.noise,
+            packed_states=settings.packed_states,
         )
-        batches = shard.iter_torch_batches(
-            batch_size=settings.batch_size, collate_fn=collate_fn, drop_last=True,
-            local_shuffle_buffer_size=4 * settings.batch_size, local_shuffle_seed=settings.seed + epoch,
+        group_size = settings.batch_size * settings.length_group
+        groups = shard.iter_torch_batches(
+            batch_size=group_size, collate_fn=collate_fn,
+            local_shuffle_buffer_size=2 * group_size, local_shuffle_seed=settings.seed + epoch,
         )
+        batches = (batch for group in groups for batch in group)
         for index, batch in enumerate(batches):
             if epoch == state.epoch and index < state.batches_in_epoch:
                 continue  # trained before the restart
@@ -490,8 +523,9 @@ def main(argv: list[str] | None = None) -> int:
 
     # Fail fast: everything that can be checked without the cluster is checked here.
     try:
-        if args.workers < 1 or args.batch_size < 1 or args.grad_accum < 1 or args.checkpoint_every < 1:
-            raise InputError("--workers, --batch-size, --grad-accum and --checkpoint-every must be >= 1")
+        if min(args.workers, args.batch_size, args.length_group, args.grad_accum, args.checkpoint_every) < 1:
+            raise InputError(
+                "--workers, --batch-size, --length-group, --grad-accum and --checkpoint-every must be >= 1")
         if not 0 <= args.warmup_fraction < 1:
             raise InputError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
         deepspeed_config = read_deepspeed_config(args.deepspeed)
@@ -499,6 +533,7 @@ def main(argv: list[str] | None = None) -> int:
         shards, rows = check_trajectories(args.trajectories, options, facts.vocab_size, args.ar_target)
         loss = LossConfig(kind=args.loss, distance=args.distance, ar_weight=args.ar_weight, ar_target=args.ar_target)
         noise = objective_schedule(args)
+        check_packed_states(args)
         if rows < args.workers * args.batch_size:
             raise InputError(f"{rows} rows cannot fill a batch of {args.batch_size} on {args.workers} workers")
     except (InputError, ValueError, OSError) as error:
@@ -533,9 +568,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     settings = TrainSettings(
         model=args.model, output=output, s3_endpoint=args.s3_endpoint, deepspeed_config=deepspeed_config,
-        loss=loss, packed=args.packed, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr,
+        loss=loss, packed=args.packed, packed_states=args.packed_states, epochs=args.epochs,
+        max_steps=args.max_steps, lr=args.lr,
         lr_schedule=args.lr_schedule, warmup_fraction=args.warmup_fraction, total_steps=total_steps(records, args),
-        batch_size=args.batch_size, grad_accum=args.grad_accum, seed=args.seed,
+        batch_size=args.batch_size, length_group=args.length_group, grad_accum=args.grad_accum, seed=args.seed,
         checkpoint_every=args.checkpoint_every, pad_token_id=facts.pad_id,
         gradient_checkpointing=args.gradient_checkpointing, noise=noise, verbose=args.verbose,
         fault_marker=fault_marker(),

@@ -14,6 +14,9 @@ from cllm.collate import (
     collate,
     collate_packed,
     collate_states,
+    length_groups,
+    packed_width,
+    sample_states,
 )
 from cllm.metrics import IGNORE
 
@@ -126,3 +129,44 @@ def test_collate_rejects_bad_rows(rows, message):
 def test_labels_required_when_asked():
     with pytest.raises(ValueError, match="no label_ids"):
         collate_states([row("x", 0, 1, [1], [[1, 2]])], PAD, labels=True)
+
+
+def test_length_groups_are_full_batches_of_similar_length():
+    lengths = list(range(50, 0, -1))
+    random.Random(1).shuffle(lengths)
+    batches = length_groups(lengths, lambda length: length, batch_size=4, rng=random.Random(0))
+    assert [len(batch) for batch in batches] == [4] * 12  # the 2 longest, left over, are dropped
+    assert sorted(length for batch in batches for length in batch) == list(range(1, 49))
+    assert all(max(batch) - min(batch) == 3 for batch in batches)  # consecutive lengths
+    assert [min(batch) for batch in batches] != sorted(min(batch) for batch in batches)  # in a random order
+
+
+def test_length_groups_cut_the_padding_of_real_rows():
+    model = tiny_model("llama", vocab_size=64, seed=3)
+    prompts = [[5] * length for length in (2, 30, 3, 28, 4, 25, 5, 27)]
+    rows = trajectory_rows(model, prompts, n_token=4, max_new_tokens=8)
+    def padded(batches):
+        return sum(collate_packed(batch, PAD).input_ids.numel() for batch in batches)
+    grouped = length_groups(rows, packed_width, batch_size=2, rng=random.Random(0))
+    by_width = sorted(rows, key=packed_width)
+    mixed = [[by_width[index], by_width[-1 - index]] for index in range(len(rows) // 2)]  # short with long
+    assert sorted(id(row) for batch in grouped for row in batch) == sorted(id(row) for row in rows)
+    assert padded(grouped) < 0.8 * padded(mixed)
+    assert packed_width(rows[0]) == collate_packed(rows[:1], PAD).input_ids.shape[1]
+
+
+def test_sample_states_keeps_the_fixed_point_and_the_order():
+    states = [[index, 0] for index in range(10)]
+    full = row("x", 0, 1, [1], states)
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(50):
+        sampled = sample_states(full, 4, rng)
+        picked = [state[0] for state in sampled.states]
+        assert len(picked) == 4 and picked[-1] == 9 and picked == sorted(set(picked))
+        seen.update(picked[:-1])
+    assert seen == set(range(9))  # every state before the fixed point is drawn
+    short = row("y", 0, 1, [1], states[:3])
+    assert sample_states(short, 4, rng) is short
+    with pytest.raises(ValueError, match="at least 2 states"):
+        sample_states(full, 1, rng)

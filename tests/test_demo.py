@@ -98,6 +98,9 @@ def test_the_domain_picks_teacher_prompts_output_and_budget(tmp_path, monkeypatc
     stages = {stage.name: stage for stage in build_stages(sql)}
     evaluate = stages["evaluate"].settings["args"]
     assert evaluate[evaluate.index("--prompts") + 1] == "toy-sql:heldout"
+    train = stages["train"].settings["args"]
+    assert train[train.index("--packed-states") + 1] == str(sql.budget.train_packed_states)
+    assert "--packed-states" not in {stage.name: stage for stage in build_stages(math)}["train"].settings["args"]
     assert parse_args(["--domain", "sql", "--budget", "tiny"]).budget == BUDGETS["tiny"]
     with pytest.raises(SystemExit):
         parse_args(["--domain", "poetry"])

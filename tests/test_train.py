@@ -91,6 +91,11 @@ def test_input_checks_stop_before_any_worker(tiny_run_inputs, tmp_path, capsys):
     assert "cannot read DeepSpeed config" in message
 
     assert "--warmup-fraction" in run_checks(capsys, *base, "--trajectories", str(shards), "--warmup-fraction", "1")
+    assert "--length-group" in run_checks(capsys, *base, "--trajectories", str(shards), "--length-group", "0")
+    assert ">= 2, got 1" in run_checks(capsys, *base, "--trajectories", str(shards), "--packed-states", "1")
+    for flags in (["--no-packed"], ["--loss", "local"], ["--objective", "jacobi-forcing"]):
+        message = run_checks(capsys, *base, "--trajectories", str(shards), "--packed-states", "3", *flags)
+        assert "global consistency loss" in message
 
 
 def test_jacobi_forcing_flags_are_checked_before_any_worker(tiny_run_inputs, tmp_path, capsys):
