@@ -205,7 +205,7 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
     n_token = _check_rows(rows, labels)
     batch = len(rows)
     max_states = max(len(row.states) for row in rows)
-    width = max(len(row.prefix_ids) + len(row.states) * row.fixed_length for row in rows)
+    width = max(packed_width(row) for row in rows)
 
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)

@@ -141,6 +141,12 @@ def _visible_segments(blocks: int, schedule: NoiseSchedule, phase: int) -> torch
     return visible
 
 
+def forcing_width(blocks: Sequence[TrajectoryRow]) -> int:
+    """Tokens `collate_forcing` lays out for one response: its prompt, then a noisy and a clean
+    copy of each block."""
+    return blocks[0].prompt_length + 2 * len(blocks) * blocks[0].n_token
+
+
 def collate_forcing(
     responses: Sequence[Sequence[TrajectoryRow]],
     pad_token_id: int,
@@ -164,7 +170,7 @@ def collate_forcing(
     if phases is None:
         phases = [rng.randrange(schedule.window) for _ in responses]
     batch = len(responses)
-    widths = [blocks[0].prompt_length + 2 * len(blocks) * n_token for blocks in responses]
+    widths = [forcing_width(blocks) for blocks in responses]
     width, pairs = max(widths), max(len(blocks) for blocks in responses) * n_token
 
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)

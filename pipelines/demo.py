@@ -92,10 +92,9 @@ BUDGETS = {
 # reaches 3.28 within 1.6 points (1,000 held-out prompts). Figures: README.
 # Its short answers let collection batch 32 prompts (1.24x the prompts/s of 16).
 _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collect_batch_size": 32}
-_SQL_QUICK_PROMPTS = 18_000
 DOMAIN_BUDGETS = {
     "sql": {
-        "quick": replace(BUDGETS["quick"], train_prompts=_SQL_QUICK_PROMPTS, train_lr=1e-3, train_packed_states=4,
+        "quick": replace(BUDGETS["quick"], train_prompts=18_000, train_lr=1e-3, train_packed_states=4,
                          **_SQL_LENGTHS),
         "long": replace(BUDGETS["long"], train_prompts=27_000, train_epochs=1, **_SQL_LENGTHS),
     },

@@ -14,6 +14,7 @@ from cllm.forcing import (
     NoiseSchedule,
     collate_forcing,
     first_difference,
+    forcing_width,
     group_responses,
     noise_ratio,
     noisy_state_index,
@@ -90,6 +91,8 @@ def test_packed_layout_and_positions(model_and_responses):
         generated = [t for block in blocks for t in block.fixed_point[: block.fixed_length]]
         labels = batch.ar_labels[b]
         assert labels[labels != IGNORE].tolist() == generated
+        # what `forcing_width` promises (training's length groups sort by it): the row's real tokens
+        assert batch.attention_mask[b].sum().item() == forcing_width(blocks)
 
 
 def test_no_noisy_token_sees_a_later_block_or_its_own_clean_copy(model_and_responses):
