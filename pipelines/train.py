@@ -480,6 +480,9 @@ def maybe_inject_fault(marker: str | None, rank: int, resumed: bool) -> None:
         return
     with open(marker, "w") as handle:
         handle.write("injected\n")
+    # The controller registers a reported checkpoint when it next polls the workers; failing at
+    # once can beat that poll, and the run then restarts from scratch (seen once in make test).
+    time.sleep(20 * float(REPORT_POLL_INTERVAL_S))
     raise RuntimeError(f"injected worker failure ({marker})")
 
 
