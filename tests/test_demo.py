@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pytest
 
+from cllm.toy import sql as toy_sql
 from cllm_pipelines.demo import BUDGETS, Stage, build_stages, parse_args, run_stages
 
 
@@ -102,6 +103,8 @@ def test_the_domain_picks_teacher_prompts_output_and_budget(tmp_path, monkeypatc
     assert train[train.index("--packed-states") + 1] == str(sql.budget.train_packed_states)
     assert "--packed-states" not in {stage.name: stage for stage in build_stages(math)}["train"].settings["args"]
     assert parse_args(["--domain", "sql", "--budget", "tiny"]).budget == BUDGETS["tiny"]
+    # every budget scores prompts the held-out split has (distinct questions, a bounded number)
+    assert all(budget.eval_prompts <= toy_sql.TASK.max_heldout_prompts for budget in DOMAIN_BUDGETS["sql"].values())
     with pytest.raises(SystemExit):
         parse_args(["--domain", "poetry"])
 

@@ -249,7 +249,10 @@ def test_sql_prompts_are_spider_style_stable_and_split_by_question():
                  for split, prompts in (("train", train), ("heldout", heldout))}
     assert not questions["train"] & questions["heldout"]  # no held-out question is ever trained on
     assert all(is_heldout_question(q) for q in questions["heldout"])
-    assert len({p.prompt for p in heldout}) == 100
+    assert len(questions["heldout"]) == 100  # a score counts distinct questions, not schemas of one
+    assert len({p.prompt for p in train}) == 1000
+    with pytest.raises(ValueError, match="toy-sql:heldout has 500 prompts"):
+        toy_prompts("heldout", "sql", limit=501)
     for p in heldout[:50]:
         assert p.prompt.startswith(toy_sql.PROMPT_HEADER) and p.prompt.endswith("\nSQL:")
         assert p.answer.startswith(" SELECT ") and p.domain == "sql" and p.split == "heldout"

@@ -57,13 +57,16 @@ Draw = Callable[[random.Random], tuple[str, str, str]]
 class GeneratedTask:
     """The splits of a generated domain (math, sql). The question's hash decides the split, so no
     held-out question can reach training; each split has its own random stream only so that the
-    rarer held-out questions are found fast."""
+    rarer held-out questions are found fast. Held-out prompts ask distinct questions: toy SQL's
+    common ones ("How many stores are there?", over many schemas) would otherwise fill a score,
+    55 of its first 500 prompts being one question, and one error would count 55 times."""
 
     domain: str
     draw: Draw
     source: str  # ToyPrompt.source: the generator's name and version
     train_prompts: int = 5_000  # `prompts(split, None)`'s defaults
     heldout_prompts: int = 1_000
+    max_heldout_prompts: int | None = None  # the held-out questions there are to draw (None: no end)
 
     def _example(self, rng: random.Random, split: str) -> tuple[str, ToyPrompt]:
         question, prompt, answer = self.draw(rng)
@@ -71,15 +74,17 @@ class GeneratedTask:
         return question, example
 
     def examples(self, split: str, seed: int) -> Iterator[ToyPrompt]:
-        """Endless stream of distinct prompts of one split."""
+        """Stream of distinct prompts of one split (held-out: of distinct questions), endless but
+        for held-out when `max_heldout_prompts` is set."""
         rng = random.Random(f"toy-{self.domain}-{split}-{seed}")
         seen: set[str] = set()
         want_heldout = split == "heldout"
         while True:
             question, example = self._example(rng, split)
-            if is_heldout_question(question) != want_heldout or example.prompt in seen:
+            key = question if want_heldout else example.prompt
+            if is_heldout_question(question) != want_heldout or key in seen:
                 continue
-            seen.add(example.prompt)
+            seen.add(key)
             yield example
 
     def training_documents(self, seed: int) -> Iterator[ToyPrompt]:
@@ -91,10 +96,14 @@ class GeneratedTask:
                 yield example
 
     def prompts(self, split: str, limit: int | None, seed: int) -> list[ToyPrompt]:
-        """The first `limit` prompts of a split (any number works: the stream is endless)."""
+        """The first `limit` prompts of a split; ValueError past `max_heldout_prompts`."""
         default = self.train_prompts if split == "train" else self.heldout_prompts
+        count = default if limit is None else limit
+        if split == "heldout" and self.max_heldout_prompts is not None and count > self.max_heldout_prompts:
+            raise ValueError(f"toy-{self.domain}:heldout has {self.max_heldout_prompts} prompts (distinct held-out "
+                             f"questions), not {count}")
         stream = self.examples(split, seed)
-        return [next(stream) for _ in range(default if limit is None else limit)]
+        return [next(stream) for _ in range(count)]
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import lru_cache
+
 from cllm.toy import SPLITS, ToyPrompt, resolve_domain
 from cllm.toy import code as code_task
 from cllm.toy import math as math_task
@@ -12,16 +14,22 @@ def toy_prompts(split: str = "train", domain: str | None = None, limit: int | No
                 seed: int = 0) -> list[ToyPrompt]:
     """Prompts of a toy domain's split, each with its reference answer, in a fixed order.
 
-    math, sql: a fixed number of distinct generated prompts (any `limit` works: the generators
-    are endless). code: every extracted pair of the split's modules."""
+    math: a fixed number of distinct generated prompts (any `limit` works: the generator is
+    endless). sql: the same, but its held-out split has 500 (distinct questions). code: every
+    extracted pair of the split's modules."""
     domain = resolve_domain(domain)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
+    return list(_generated_prompts(split, domain, limit, seed))
+
+
+@lru_cache(maxsize=4)  # an evaluation loads the prompts once per model; SQL's held-out take 25 s
+def _generated_prompts(split: str, domain: str, limit: int | None, seed: int) -> tuple[ToyPrompt, ...]:
     if domain == "math":
-        return math_task.TASK.prompts(split, limit, seed)
+        return tuple(math_task.TASK.prompts(split, limit, seed))
     if domain == "sql":
-        return sql_task.TASK.prompts(split, limit, seed)
-    return code_task.prompts(split, limit)
+        return tuple(sql_task.TASK.prompts(split, limit, seed))
+    return tuple(code_task.prompts(split, limit))
 
 
 def has_task_metric(domain: str | None) -> bool:
