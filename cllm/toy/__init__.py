@@ -66,7 +66,7 @@ class GeneratedTask:
     source: str  # ToyPrompt.source: the generator's name and version
     train_prompts: int = 5_000  # `prompts(split, None)`'s defaults
     heldout_prompts: int = 1_000
-    max_heldout_prompts: int | None = None  # the held-out questions there are to draw (None: no end)
+    max_heldout_prompts: int | None = None  # held-out prompts one may ask for (None: any number)
 
     def _example(self, rng: random.Random, split: str) -> tuple[str, ToyPrompt]:
         question, prompt, answer = self.draw(rng)
