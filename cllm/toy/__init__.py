@@ -74,8 +74,8 @@ class GeneratedTask:
         return question, example
 
     def examples(self, split: str, seed: int) -> Iterator[ToyPrompt]:
-        """Stream of distinct prompts of one split (held-out: of distinct questions), endless but
-        for held-out when `max_heldout_prompts` is set."""
+        """Stream of distinct prompts of one split (held-out: of distinct questions). A split with
+        few held-out questions runs dry and then never yields: `prompts` stops at `max_heldout_prompts`."""
         rng = random.Random(f"toy-{self.domain}-{split}-{seed}")
         seen: set[str] = set()
         want_heldout = split == "heldout"
