@@ -91,8 +91,8 @@ BUDGETS = {
 # more accuracy (84.8%, 83.2% against 85.4%).
 # Its AR term trains on the gold queries (`--ar-target labels`): on the same trajectories the
 # fixed point's AR term kept 88.4% of the held-out questions against the teacher's 89.8% (2.2-7.6
-# points lost in five earlier runs), the gold queries 97.4%, at TPF 3.66 against 3.41 and a
-# third fewer steps per second. The teacher copies numbers with errors, and its fixed points
+# points lost in five earlier runs), the gold queries 97.4-99.4% in three runs, at TPF 3.66-3.80
+# against 3.41 and a quarter fewer steps per second. The teacher copies numbers with errors, and its fixed points
 # teach them. Figures: README.
 # Its short answers let collection batch 32 prompts (1.24x the prompts/s of 16).
 _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collect_batch_size": 32}
