@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from cllm.hf import load_model
+from cllm.losses import ArTarget
 from cllm.toy import DEFAULT_DOMAIN, DOMAINS
 from cllm_pipelines.common import quiet_libraries
 
@@ -58,7 +59,7 @@ class Budget:
     eval_max_new_tokens: int
     eval_repeats: int = 3  # timed decodes per batch and method, the fastest counts
     train_packed_states: int | None = None  # states packed per row: all, or this many sampled
-    train_ar_target: str = "fixed-point"  # the AR term's target: the fixed point, or the prompts' answers
+    train_ar_target: ArTarget = "fixed-point"  # the AR term's target: the fixed point, or the prompts' answers
     collect_batch_size: int = 16
 
 
@@ -89,11 +90,11 @@ BUDGETS = {
 # so the time goes into more rows, which is what raises TPF. Its peak rate of 1e-3 beat 3e-4 and
 # 3e-3 on TPF at 9,000 prompts, and 3e-4 and 5e-4 at 18,000 (3.00, 3.15 against 3.25) with no
 # more accuracy (84.8%, 83.2% against 85.4%).
-# Its AR term trains on the gold queries (`--ar-target labels`): on the same trajectories the
-# fixed point's AR term kept 88.4% of the held-out questions against the teacher's 89.8% (2.2-7.6
-# points lost in five earlier runs), the gold queries 97.4-99.4% in three runs, at TPF 3.66-3.80
-# against 3.41 and a quarter fewer steps per second. The teacher copies numbers with errors, and its fixed points
-# teach them. Figures: README.
+# Its AR term trains on the gold queries (`--ar-target labels`): the teacher copies numbers with
+# errors, and its fixed points teach them. On the same trajectories the fixed point's AR term kept
+# 88.4% of the held-out questions against the teacher's 89.8% (2.2-7.6 points lost in five earlier
+# runs), the gold queries 97.4-99.4% in three runs, at TPF 3.66-3.80 against 3.41 and a quarter
+# fewer steps per second. Figures: README.
 # Its short answers let collection batch 32 prompts (1.24x the prompts/s of 16).
 _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collect_batch_size": 32}
 DOMAIN_BUDGETS = {

@@ -104,7 +104,7 @@ def test_the_domain_picks_teacher_prompts_output_and_budget(tmp_path, monkeypatc
     assert train[train.index("--ar-target") + 1] == "labels"  # toy SQL's quick CLLM learns the gold queries
     math_train = {stage.name: stage for stage in build_stages(math)}["train"].settings["args"]
     assert "--ar-target" not in math_train  # train's default, the fixed point
-    assert "--packed-states" not in {stage.name: stage for stage in build_stages(math)}["train"].settings["args"]
+    assert "--packed-states" not in math_train
     assert parse_args(["--domain", "sql", "--budget", "tiny"]).budget == BUDGETS["tiny"]
     # every budget scores prompts the held-out split has (distinct questions, a bounded number)
     assert all(budget.eval_prompts <= toy_sql.TASK.max_heldout_prompts for budget in DOMAIN_BUDGETS["sql"].values())
