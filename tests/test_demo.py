@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import pytest
 
+from cllm.toy import TOY_VERSIONS
 from cllm.toy import sql as toy_sql
-from cllm_pipelines.demo import BUDGETS, Stage, build_stages, parse_args, run_stages
+from cllm_pipelines.demo import BUDGETS, Stage, build_stages, parse_args, run_stages, teacher_settings
 
 
 def _stages(calls: list[str], settings: dict[str, dict] | None = None, failing: str | None = None,
@@ -76,6 +77,7 @@ def test_budgets_and_stage_arguments(tmp_path, monkeypatch):
     assert parse_args(["--budget", "quick"]).budget == BUDGETS["quick"]
     stages = {stage.name: stage for stage in build_stages(config)}
     assert list(stages) == ["teacher", "collect", "train", "evaluate"]
+    assert stages["teacher"].settings == {"model": "toy", "toy_version": TOY_VERSIONS["math"]}  # a new one reruns all
     evaluate = stages["evaluate"].settings["args"]
     assert evaluate[evaluate.index("--models") + 2] == f"cllm={tmp_path / 'demo' / 'cllm' / 'hf'}"
     collect = stages["collect"].settings["args"]
@@ -97,6 +99,8 @@ def test_the_domain_picks_teacher_prompts_output_and_budget(tmp_path, monkeypatc
     assert (sql.model, sql.train_prompts, sql.heldout_prompts) == ("toy-sql", "toy-sql:train", "toy-sql:heldout")
     assert sql.output == (tmp_path / "runs" / "demo-sql").resolve() and sql.budget == DOMAIN_BUDGETS["sql"]["quick"]
     stages = {stage.name: stage for stage in build_stages(sql)}
+    assert stages["teacher"].settings == {"model": "toy-sql", "toy_version": TOY_VERSIONS["sql"]}
+    assert teacher_settings("/models/mine") == {"model": "/models/mine"}
     evaluate = stages["evaluate"].settings["args"]
     assert evaluate[evaluate.index("--prompts") + 1] == "toy-sql:heldout"
     train = stages["train"].settings["args"]

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from itertools import islice
 
 import pytest
 import torch
@@ -156,7 +158,7 @@ def test_math_tokenizer_splits_digits_and_adds_bos(tiny_build):
 def test_build_saves_and_reloads(tiny_build):
     root, model, tokenizer = tiny_build
     directory = teacher.teacher_dir("math", root)
-    assert directory == root / f"toy-{toy.TOY_VERSION}" / "math"
+    assert directory == root / f"toy-{toy.TOY_VERSIONS['math']}" / "math"
     for name in ("model.safetensors", "config.json", "tokenizer.json", teacher.BUILD_INFO_FILE):
         assert (directory / name).is_file(), name
     info = teacher.toy_build_info("math", root)
@@ -280,6 +282,22 @@ def test_sql_covers_every_query_family_and_gold_sql_always_executes():
     foreign = [row for table in sql_schema.parse_schema(schema)
                for row in connection.execute(f"PRAGMA foreign_key_list({table.name})").fetchall()]
     assert foreign
+
+
+def test_the_sql_teachers_stream_asks_more_number_questions_and_no_heldout_one():
+    """The teacher trains on a mix weighted towards filtered selections (`WHERE col > 220`), the
+    family most held-out questions come from, while the train split keeps the generator's mix."""
+    stream = toy_sql.TASK.training_documents(seed=0)
+    taught = [next(stream) for _ in range(2000)]
+    split = toy_prompts("train", "sql", limit=2000)
+    filtered = re.compile(r"^ SELECT \w+ FROM \w+ WHERE \w+ [<>=] \d+$")
+
+    def share(prompts: list) -> float:
+        return sum(bool(filtered.match(p.answer)) for p in prompts) / len(prompts)
+
+    assert share(taught) > 2 * share(split) > 0.2
+    assert not any(is_heldout_question(p.prompt.split("\nQuestion: ")[1].removesuffix("\nSQL:")) for p in taught)
+    assert [p.prompt for p in taught[:20]] == [p.prompt for p in islice(toy_sql.TASK.training_documents(0), 20)]
 
 
 SCHEMA = "- pupils(id, name, age, city)\n- tests(id, student_id -> pupils.id, subject, score)"

@@ -17,8 +17,10 @@ DOMAINS = ("math", "code", "sql")
 DEFAULT_DOMAIN = "math"
 SPLITS = ("train", "heldout")
 TOY_NAMES = ("toy", *(f"toy-{domain}" for domain in DOMAINS))
-TOY_VERSION = "1"
-"""Bump when a corpus, tokenizer or training change makes cached teachers stale."""
+TOY_VERSIONS = {"math": "1", "code": "1", "sql": "2"}
+"""Each domain's teacher version, in its cache path: bump it when a corpus, tokenizer or training
+change makes the domain's cached teachers stale. sql 2: a question mix weighted towards the
+varied families, and 8 attention heads."""
 
 
 @dataclass(frozen=True)
@@ -67,9 +69,10 @@ class GeneratedTask:
     train_prompts: int = 5_000  # `prompts(split, None)`'s defaults
     heldout_prompts: int = 1_000
     max_heldout_prompts: int | None = None  # held-out prompts one may ask for (None: any number)
+    teacher_draw: Draw | None = None  # the teacher's stream, when it weights questions unlike `draw`
 
-    def _example(self, rng: random.Random, split: str) -> tuple[str, ToyPrompt]:
-        question, prompt, answer = self.draw(rng)
+    def _example(self, rng: random.Random, split: str, draw: Draw | None = None) -> tuple[str, ToyPrompt]:
+        question, prompt, answer = (draw or self.draw)(rng)
         example = ToyPrompt(toy_prompt_id(self.domain, prompt), prompt, " " + answer, self.domain, split, self.source)
         return question, example
 
@@ -88,10 +91,11 @@ class GeneratedTask:
             yield example
 
     def training_documents(self, seed: int) -> Iterator[ToyPrompt]:
-        """The teacher's training stream: fresh prompts (repeats allowed), never a held-out question."""
+        """The teacher's training stream: fresh prompts (repeats allowed), never a held-out question,
+        drawn by `teacher_draw` when the task has one."""
         rng = random.Random(f"toy-{self.domain}-train-stream-{seed}")
         while True:
-            question, example = self._example(rng, "train")
+            question, example = self._example(rng, "train", self.teacher_draw)
             if not is_heldout_question(question):
                 yield example
 
@@ -129,6 +133,11 @@ def parse_toy_name(name: str) -> ToyName | None:
 
 def is_toy_name(name: str) -> bool:
     return name.partition(":")[0] in TOY_NAMES
+
+
+def toy_version(domain: str | None) -> str:
+    """The teacher version of a toy domain (`DEFAULT_DOMAIN` when None)."""
+    return TOY_VERSIONS[resolve_domain(domain)]
 
 
 def resolve_domain(domain: str | None) -> str:

@@ -7,11 +7,11 @@ from __future__ import annotations
 import random
 import re
 
-from cllm.toy import TOY_VERSION, GeneratedTask
+from cllm.toy import TOY_VERSIONS, GeneratedTask
 
 _NAMES = ("Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Ava")
 _ITEMS = ("apples", "books", "pens", "cookies", "stickers", "marbles", "cards", "shells", "toys", "coins")
-_SOURCE = f"cllm.toy math generator v{TOY_VERSION}"
+_SOURCE = f"cllm.toy math generator v{TOY_VERSIONS['math']}"
 _ANSWER_RE = re.compile(r"The answer is (-?\d+)\.")
 
 
