@@ -14,6 +14,7 @@ import re
 import sqlite3
 from collections import Counter
 from collections.abc import Sequence
+from functools import partial
 
 from cllm.toy import TOY_VERSIONS, GeneratedTask
 from cllm.toy.sql_schema import (
@@ -58,6 +59,7 @@ def _question(rng: random.Random, tables: Sequence[SchemaTable], schema_text: st
 
     while True:
         table = rng.choice(tables)
+        # randrange when unweighted: the splits' draws, and so the held-out questions, stay as they were
         family = rng.randrange(8) if family_weights is None else rng.choices(range(8), family_weights)[0]
         label, noun, name = table.columns[0], table.spec.noun, table.name
         ints, texts = table.ints, table.texts[1:]  # texts besides the label
@@ -137,19 +139,14 @@ def problem(rng: random.Random, family_weights: Sequence[float] | None = None) -
     return schema_text, question, sql
 
 
-def _draw(rng: random.Random) -> tuple[str, str, str]:
-    schema_text, question, sql = problem(rng)
-    return question, sql_prompt(schema_text, question), sql
-
-
-def _teacher_draw(rng: random.Random) -> tuple[str, str, str]:
-    schema_text, question, sql = problem(rng, TRAIN_FAMILY_WEIGHTS)
+def _draw(rng: random.Random, family_weights: Sequence[float] | None = None) -> tuple[str, str, str]:
+    schema_text, question, sql = problem(rng, family_weights)
     return question, sql_prompt(schema_text, question), sql
 
 
 # The split holds about 700 questions: the first 500 take 25 s to draw, the rest minutes.
 TASK = GeneratedTask("sql", _draw, _SOURCE, heldout_prompts=500, max_heldout_prompts=500,
-                     teacher_draw=_teacher_draw)
+                     teacher_draw=partial(_draw, family_weights=TRAIN_FAMILY_WEIGHTS))
 
 
 # -- scoring -----------------------------------------------------------------------------------
