@@ -37,7 +37,7 @@ class BuilderArgs(DecoderSettings):
         default=None, description="the `model` clients send; default: model"
     )
     graceful_shutdown_timeout_s: float = Field(
-        default=120, ge=0, description="how long a stopping decoder replica drains its streams"
+        default=120, ge=0, description="how long a stopping replica (decoder or ingress) drains its streams"
     )
     num_gpus: float | None = Field(
         default=None, ge=0, description="per decoder replica; default: 1 if CUDA is visible"
@@ -57,6 +57,13 @@ class BuilderArgs(DecoderSettings):
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     body_timeout_s: float = Field(default=30, gt=0, description="a request body must arrive within it (else 408)")
     health_timeout_s: float = Field(default=10, gt=0, description="/health fails unless a decoder answers within it")
+    resume_attempts: int = Field(default=3, ge=0, description="resumed calls per request after replica deaths (0: off)")
+    resume_timeout_s: float = Field(
+        default=30, gt=0, description="how long a request whose replica died may wait for another to take it"
+    )
+    progress_interval_s: float = Field(
+        default=0.25, ge=0, description="non-streamed requests: how often a decoder reports progress for resumption"
+    )
     wait_for_resources_s: float = Field(
         default=0, ge=0, description="how long an autoscaling cluster may take to fit min_replicas (0: fail at once)"
     )
@@ -102,7 +109,12 @@ def build_app(args: BuilderArgs) -> serve.Application:
         max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout_s,
         health_timeout_s=args.health_timeout_s,
+        resume_attempts=args.resume_attempts,
+        resume_timeout_s=args.resume_timeout_s,
+        progress_interval_s=args.progress_interval_s,
     )
-    return OpenAIIngress.options(ray_actor_options={"num_cpus": args.ingress_num_cpus}).bind(
-        decoder, ingress_settings
-    )
+    # Streams pass through the ingress too: a redeploy that replaces it must let them finish.
+    return OpenAIIngress.options(
+        ray_actor_options={"num_cpus": args.ingress_num_cpus},
+        graceful_shutdown_timeout_s=args.graceful_shutdown_timeout_s,
+    ).bind(decoder, ingress_settings)

@@ -71,6 +71,9 @@ class TextDelta:
     text: str
     index: int = 0  # the choice (n > 1)
     logprobs: tuple[LogprobEntry, ...] = ()  # for the tokens behind this delta, when asked for
+    # The ids verified since the last delta, whether or not their text is out yet: the ingress
+    # keeps them to resume the choice on another replica if this one dies.
+    token_ids: tuple[int, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -81,6 +84,7 @@ class Finished:
     index: int = 0
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it (vLLM's)
     prompt_logprobs: tuple[LogprobEntry, ...] | None = None  # echo with logprobs: the prompt's tokens
+    carried_tokens: int = 0  # of completion_tokens, those decoded by an earlier (failed) replica
     queue_s: float = field(default=0.0, compare=False)  # waiting for a slot in the engine
     first_token_s: float = field(default=0.0, compare=False)  # from submission to the first token
 
@@ -103,7 +107,9 @@ def coalesce(events: list[Event]) -> list[Event]:
     for event in events:
         last = merged[-1] if merged else None
         if isinstance(event, TextDelta) and isinstance(last, TextDelta) and last.index == event.index:
-            merged[-1] = TextDelta(last.text + event.text, event.index, last.logprobs + event.logprobs)
+            merged[-1] = TextDelta(
+                last.text + event.text, event.index, last.logprobs + event.logprobs, last.token_ids + event.token_ids
+            )
         else:
             merged.append(event)
     return merged
@@ -142,6 +148,28 @@ class TokenStream:
         self.submitted_at = time.monotonic()
         self.queue_s = 0.0  # set by the engine loop on admission
         self.first_token_s: float | None = None
+        self.carried = 0  # ids decoded before a resumption (`resume`)
+        self._unsent_from = 0  # characters of output that a resumed client already has
+
+    def resume(self, carried_ids: list[int], sent_chars: int) -> bool:
+        """Start after the ids an earlier replica verified, of whose text the client has the first
+        `sent_chars` characters. The ids go through the same detokenizer and stop checks. Where
+        the text is released can depend on how the ids were grouped, but all of it, once out, is
+        the same (the decoded ids, cut at a stop string), so skipping what was sent continues it
+        byte for byte. False: those ids had already ended the choice."""
+        with self._lock:
+            self._unsent_from = sent_chars
+            _, delta = self._add(list(carried_ids))
+            self.carried = len(self.ids)
+            if delta:
+                self._push(TextDelta(delta, self.index))
+            return self.finish_reason is None
+
+    def _unsent(self, text: str) -> str:
+        """`text`, the next of this choice's output, less what a resumed client already has."""
+        skip = min(self._unsent_from, len(text))
+        self._unsent_from -= skip
+        return text[skip:]
 
     def on_tokens(self, new_ids: list[int], logprobs: list[TokenLogprob] | None = None) -> bool:
         """The engine's per-row callback. False ends the row: cancelled, stopped or full."""
@@ -150,28 +178,34 @@ class TokenStream:
                 return False
             if self.first_token_s is None:
                 self.first_token_s = time.monotonic() - self.submitted_at
-            new_ids = new_ids[: self._max_tokens - len(self.ids)]
-            stop_at = next((i for i, token in enumerate(new_ids) if token in self._stop_ids), None)
-            if stop_at is not None:
-                new_ids = new_ids[: stop_at + 1]
-            self.ids.extend(new_ids)
-            # A stop token's own text is left out unless asked for (as vLLM does).
-            shown = new_ids if stop_at is None or self._include_stop else new_ids[:stop_at]
-            delta = self._text.add(shown)
-            if self._text.stopped:
-                self.finish_reason, self.stop_reason = "stop", self._text.stop_reason
-            elif stop_at is not None:
-                self.finish_reason = "stop"
-                token = new_ids[stop_at]
-                self.stop_reason = token if token in self._reported_stop_ids else None
-            elif len(self.ids) >= self._max_tokens:
-                self.finish_reason = "length"
-            if self.finish_reason is not None:
-                delta += self._text.flush()
+            new_ids, delta = self._add(new_ids)
             entries = tuple(self._entry(entry) for entry in (logprobs or [])[: len(new_ids)])
-            if delta or entries:
-                self._push(TextDelta(delta, self.index, entries))
+            if new_ids or delta:
+                self._push(TextDelta(delta, self.index, entries, tuple(new_ids)))
             return self.finish_reason is None
+
+    def _add(self, new_ids: list[int]) -> tuple[list[int], str]:
+        """Take the ids this choice still wants and return them with the text they release,
+        setting `finish_reason` when they end the choice (under the lock)."""
+        new_ids = new_ids[: self._max_tokens - len(self.ids)]
+        stop_at = next((i for i, token in enumerate(new_ids) if token in self._stop_ids), None)
+        if stop_at is not None:
+            new_ids = new_ids[: stop_at + 1]
+        self.ids.extend(new_ids)
+        # A stop token's own text is left out unless asked for (as vLLM does).
+        shown = new_ids if stop_at is None or self._include_stop else new_ids[:stop_at]
+        delta = self._text.add(shown)
+        if self._text.stopped:
+            self.finish_reason, self.stop_reason = "stop", self._text.stop_reason
+        elif stop_at is not None:
+            self.finish_reason = "stop"
+            token = new_ids[stop_at]
+            self.stop_reason = token if token in self._reported_stop_ids else None
+        elif len(self.ids) >= self._max_tokens:
+            self.finish_reason = "length"
+        if self.finish_reason is not None:
+            delta += self._text.flush()
+        return new_ids, self._unsent(delta)
 
     def _entry(self, logprob: TokenLogprob) -> LogprobEntry:
         top = tuple((self._token_text(token), value) for token, value in logprob.top)
@@ -184,18 +218,21 @@ class TokenStream:
         prompt's log-probabilities when the row asked for them."""
         prompt_entries = None
         if prompt_ids and prompt_logprobs is not None:
+            # A resumed row's prompt ends with its carried ids, which the client has as output.
+            prompt_ids = prompt_ids[: len(prompt_ids) - self.carried]
+            prompt_logprobs = prompt_logprobs[: len(prompt_ids) - 1]
             first = LogprobEntry(self._token_text(prompt_ids[0]), None)  # nothing comes before it
             prompt_entries = (first, *(self._entry(entry) for entry in prompt_logprobs))
         with self._lock:
             if self.finish_reason is None:  # cancelled rows end here too; nobody reads them
                 self.finish_reason = "length"
-                delta = self._text.flush()
+                delta = self._unsent(self._text.flush())
                 if delta:
                     self._push(TextDelta(delta, self.index))
             first_token_s = self.first_token_s if self.first_token_s is not None else self.queue_s
             self._push(Finished(
                 self.finish_reason, len(self.ids), forwards, self.index, self.stop_reason, prompt_entries,
-                self.queue_s, first_token_s,
+                self.carried, self.queue_s, first_token_s,
             ))
 
     def fail(self, message: str) -> None:
@@ -229,6 +266,8 @@ class EngineJob:
 
 @dataclass(frozen=True)
 class LoopStats:
+    """A replica's current and cumulative work (`Decoder.load`)."""
+
     queued: int  # submitted, not decoding yet
     running_rows: int
     generated_tokens: int

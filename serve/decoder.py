@@ -9,14 +9,18 @@ and stop sequences live here, next to the tokenizer; the ingress deals only with
 
 Chat prompts use the tokenizer's chat template, or `cllm.hf.render_chat`'s plain fallback for a
 tokenizer without one. A request with `n` choices runs as `n` rows (seeds seed, seed + 1, ...).
+
+A request may resume choices that another replica began (`DecodeRequest.resume`): each continues
+from its prompt plus the ids already verified, with the budget that is left, and streams only the
+text after them (`cllm_serve.resume` is the ingress's side).
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 from pydantic import BaseModel, Field
@@ -32,6 +36,7 @@ from cllm_serve.batching import (
     Event,
     Failed,
     Finished,
+    LoopStats,
     Rejected,
     Scheduler,
     TextDelta,
@@ -65,6 +70,16 @@ Prompt = str | tuple[int, ...]
 
 
 @dataclass(frozen=True)
+class ResumedChoice:
+    """A choice that an earlier replica began: the ids it verified, and how many characters of
+    the choice's text (an echoed prompt included) the client has."""
+
+    index: int
+    token_ids: tuple[int, ...]
+    sent_chars: int
+
+
+@dataclass(frozen=True)
 class DecodeRequest:
     """One generation request as the ingress hands it over (already validated for types).
     Several prompts (completions) give `n` choices each: choice index = prompt index * n + i."""
@@ -86,6 +101,11 @@ class DecodeRequest:
     n: int = 1
     logprobs: int | None = None  # alternatives per token; None: no log-probabilities
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo with logprobs)
+    # None: a new request. Otherwise only these choices run, each after its ids so far (no echo).
+    resume: tuple[ResumedChoice, ...] | None = None
+    # Hold events up to this long and send them together: a non-streamed request's progress
+    # reaches the ingress at this pace, so a replica's death loses at most that much work.
+    event_interval_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -93,19 +113,6 @@ class PreparedRequest:
     prompt_ids: list[list[int]]  # one list per prompt (chat: one)
     max_tokens: list[int]  # per prompt
     n_token: int
-
-
-@dataclass(frozen=True)
-class Load:
-    """A replica's current and cumulative work, for tests and operators."""
-
-    queued: int
-    running_rows: int
-    generated_tokens: int
-    batches: int  # groups of requests that joined the engine together
-    batched_rows: int  # rows (choices) that joined so far; batched_rows / batches: mean group size
-    peak_rows: int  # the most rows that ever shared a forward
-    forwards: int  # model forwards so far; the rows' forwards (usage) / this = rows per forward
 
 
 @serve.deployment(name="Decoder")
@@ -143,8 +150,8 @@ class Decoder:
                 yield event
 
     async def complete(self, request: DecodeRequest) -> list[Event]:
-        """The same events with each choice's consecutive text deltas merged: for non-streaming
-        requests, so the text crosses to the ingress once rather than token by token."""
+        """The same events with each choice's text deltas merged: the whole reply at once, for
+        callers in the replica's process (the ingress streams, to track progress)."""
         events: list[Event] = []
         async with aclosing(self._events(request)) as stream:
             async for event in stream:
@@ -168,17 +175,11 @@ class Decoder:
         return self._tokenizer(prompt or "", add_special_tokens=add_special_tokens)["input_ids"]
 
     def detokenize(self, tokens: list[int]) -> str | Rejected:
-        vocab_size = self._model.config.vocab_size
-        if any(not 0 <= token < vocab_size for token in tokens):
-            return Rejected(f"token ids must lie in [0, {vocab_size})", param="tokens", code="invalid_value")
-        return self._tokenizer.decode(tokens)
+        return self._out_of_vocabulary(tokens, "tokens") or self._tokenizer.decode(tokens)
 
-    def load(self) -> Load:
-        stats = self._loop.stats()
-        return Load(
-            stats.queued, stats.running_rows, stats.generated_tokens, stats.batches, stats.batched_rows,
-            stats.peak_rows, stats.forwards,
-        )
+    def load(self) -> LoopStats:
+        """The replica's current and cumulative work, for tests and operators."""
+        return self._loop.stats()
 
     def check_health(self) -> None:
         """Serve calls this periodically; raising marks the replica unhealthy (it is replaced)."""
@@ -197,33 +198,69 @@ class Decoder:
             yield prepared
             return
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        resumed = {choice.index: choice for choice in request.resume or ()}
         jobs = [
-            self._job(request, prepared, prompt, self._stream(request, prepared, loop, queue, prompt * request.n + i))
-            for prompt in range(len(prepared.prompt_ids))
-            for i in range(request.n)
+            self._job(request, prepared, index // request.n, self._stream(request, prepared, loop, queue, index))
+            for index in range(len(prepared.prompt_ids) * request.n)
+            if request.resume is None or index in resumed
         ]
         yield Accepted(prompt_tokens=sum(len(ids) for ids in prepared.prompt_ids), choices=len(jobs))
-        if request.echo:
+        if request.echo and request.resume is None:
             for job in jobs:
                 yield TextDelta(self._decode_text(job.prompt_ids), job.stream.index)
         for job in jobs:
-            self._loop.submit(job)
-        open_choices = set(range(len(jobs)))
+            choice = resumed.get(job.stream.index)
+            if choice is None:
+                self._loop.submit(job)
+                continue
+            echoed = len(self._decode_text(job.prompt_ids)) if request.echo else 0
+            if job.stream.resume(list(choice.token_ids), choice.sent_chars - echoed):
+                self._loop.submit(self._continued(job, list(choice.token_ids)))
+            else:  # the carried ids had ended the choice; only its Finished was lost
+                job.stream.finish(forwards=0)
+        open_choices = {job.stream.index for job in jobs}
         try:
             while open_choices:
-                ready = [await queue.get()]
-                while not queue.empty():  # whatever else is ready goes out with it
-                    ready.append(queue.get_nowait())
-                for event in coalesce(ready):
+                for event in coalesce(await self._ready(queue, request.event_interval_s, len(open_choices))):
                     if isinstance(event, (Finished, Failed)):
                         open_choices.discard(event.index)
                     yield event
         finally:
             # Normal end, or Serve cancelled us because the client left: rows still decoding
             # must stop costing forwards and free their slots; waiting ones must not start.
-            for index in open_choices:
-                jobs[index].stream.cancel()
-                self._loop.abort(jobs[index])
+            for job in jobs:
+                if job.stream.index in open_choices:
+                    job.stream.cancel()
+                    self._loop.abort(job)
+
+    @staticmethod
+    async def _ready(queue: asyncio.Queue, interval_s: float, open_choices: int) -> list[Event]:
+        """The next events: whatever is ready once one is, or, with `interval_s`, all that arrive
+        within it, each choice's in order (sooner if every open choice ends meanwhile)."""
+        ready = [await queue.get()]
+        deadline = asyncio.get_running_loop().time() + interval_s
+        while True:
+            while not queue.empty():
+                ready.append(queue.get_nowait())
+            ended = sum(isinstance(event, (Finished, Failed)) for event in ready)
+            remaining = deadline - asyncio.get_running_loop().time()
+            if ended >= open_choices or remaining <= 0:
+                # Sorted by choice (stable), so each choice's deltas merge into one.
+                return sorted(ready, key=lambda event: event.index) if interval_s > 0 else ready
+            try:
+                ready.append(await asyncio.wait_for(queue.get(), remaining))
+            except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+                continue
+
+    @staticmethod
+    def _continued(job: EngineJob, carried: list[int]) -> EngineJob:
+        """`job` continued after `carried`: its prompt grows by them and its budgets shrink."""
+        params = replace(
+            job.params,
+            max_new_tokens=job.params.max_new_tokens - len(carried),
+            min_tokens=max(0, job.params.min_tokens - len(carried)),
+        )
+        return EngineJob(job.prompt_ids + carried, params, job.stream)
 
     def _stop_ids(self, request: DecodeRequest) -> frozenset[int]:
         """The ids that end a row: EOS unless ignored, and the request's stop_token_ids."""
@@ -263,10 +300,8 @@ class Decoder:
             return Rejected(
                 f"n_token must be at most {self._settings.max_n_token}", param="n_token", code="invalid_value"
             )
-        vocab_size = self._model.config.vocab_size
-        if any(not 0 <= token < vocab_size for token in request.stop_token_ids):
-            return Rejected(f"stop_token_ids must lie in [0, {vocab_size})", param="stop_token_ids",
-                            code="invalid_value")
+        if refused := self._out_of_vocabulary(request.stop_token_ids, "stop_token_ids"):
+            return refused
         prompts: list[list[int]] = []
         limits: list[int] = []
         for prompt in self._prompts(request):
@@ -282,6 +317,12 @@ class Decoder:
             return Rejected("the prompt must not be empty", param="prompt", code="invalid_value")
         return PreparedRequest(prompts, limits, n_token)
 
+    def _out_of_vocabulary(self, tokens: Sequence[int], param: str) -> Rejected | None:
+        vocab_size = self._model.config.vocab_size
+        if any(not 0 <= token < vocab_size for token in tokens):
+            return Rejected(f"{param}: token ids must lie in [0, {vocab_size})", param=param, code="invalid_value")
+        return None
+
     def _prompts(self, request: DecodeRequest) -> list[Prompt | tuple[tuple[str, str], ...]]:
         return [request.messages] if request.messages is not None else list(request.prompts)
 
@@ -296,9 +337,8 @@ class Decoder:
             ids = self._tokenizer(prompt)["input_ids"]
         else:
             ids = list(prompt)
-            vocab_size = self._model.config.vocab_size
-            if any(not 0 <= token < vocab_size for token in ids):
-                return Rejected(f"token ids must lie in [0, {vocab_size})", param=param, code="invalid_value")
+            if refused := self._out_of_vocabulary(ids, param):
+                return refused
         if not ids:
             return Rejected("the prompt must not be empty", param=param, code="invalid_value")
         return ids

@@ -12,7 +12,8 @@ replicas' environment), every /v1 route and /tokenize, /detokenize want
 `Authorization: Bearer <key>`.
 
 A client that disconnects cancels its rows whatever the request's phase: queued behind Serve's
-handle, waiting in a decoder, before the first byte, mid-stream, or non-streaming.
+handle, waiting in a decoder, before the first byte, mid-stream, or non-streaming. A decoder
+replica that dies takes no request with it: its calls resume on another (`cllm_serve.resume`).
 """
 
 import asyncio
@@ -36,7 +37,7 @@ from pydantic.json_schema import models_json_schema
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -64,6 +65,7 @@ from cllm_serve.openai_api import (
     new_id,
     now,
 )
+from cllm_serve.resume import ResumableCall, ResumePolicy, ResumptionFailed
 
 logger = logging.getLogger("ray.serve")
 
@@ -80,6 +82,11 @@ class IngressSettings(BaseModel):
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     body_timeout_s: float = Field(default=30, gt=0, description="reading a request body; then 408")
     health_timeout_s: float = Field(default=10, gt=0, description="a decoder must answer /health within it")
+    resume_attempts: int = Field(default=3, ge=0, description="resumed calls per request after replica deaths")
+    resume_timeout_s: float = Field(default=30, gt=0, description="from a replica's death to the resumed call")
+    progress_interval_s: float = Field(
+        default=0.25, ge=0, description="non-streamed requests: how often a decoder reports progress"
+    )
 
 
 # -- per-request observation: metrics and one log line -----------------------------------------
@@ -152,6 +159,7 @@ class RequestOutcome:
     finish_reason: str | None = None
     client_left: bool = False
     streamed_to_end: bool = False  # the decoder has nothing more for this stream
+    call: ResumableCall | None = None
 
     def log_fields(self) -> str:
         fields = f" stream={self.stream}"
@@ -162,6 +170,8 @@ class RequestOutcome:
             )
         if self.finish_reason is not None:
             fields += f" finish_reason={self.finish_reason}"
+        if self.call is not None and self.call.resumptions:
+            fields += f" resumptions={self.call.resumptions}"
         return fields
 
 
@@ -226,15 +236,18 @@ def sse(payload: dict[str, Any] | str) -> str:
 
 
 def make_usage(prompt_tokens: int, finished: Sequence[Finished]) -> Usage:
-    """Usage of a response: the prompt once, the completions of all its choices."""
+    """Usage of a response: the prompt once, the completions of all its choices (as the client
+    received them, across resumptions). Forwards are those of the replicas that finished the
+    choices, so tokens per forward leaves out the tokens a failed replica decoded."""
     completion_tokens = sum(event.completion_tokens for event in finished)
     forwards = sum(event.forwards for event in finished)
+    counted = completion_tokens - sum(event.carried_tokens for event in finished)
     return Usage(
         prompt_tokens=prompt_tokens,
         completion_tokens=completion_tokens,
         total_tokens=prompt_tokens + completion_tokens,
         forwards=forwards,
-        tokens_per_forward=completion_tokens / forwards if forwards else 0.0,
+        tokens_per_forward=counted / forwards if forwards else 0.0,
     )
 
 
@@ -306,7 +319,7 @@ class Progress:
 
     def finished(self, prompt_tokens: int, rows: Sequence[Finished]) -> None:
         for row in rows:
-            self._metrics.record_row(row.completion_tokens, row.forwards, row.queue_s)
+            self._metrics.record_row(row.completion_tokens, row.carried_tokens, row.forwards, row.queue_s)
         self._metrics.prompt_tokens.inc(prompt_tokens)
         if self.first_text is None and rows:  # not streamed: the decoder timed the first token
             self.first_text = self.started + min(row.first_token_s for row in rows)
@@ -388,9 +401,16 @@ async def _over_capacity_as_503(call: Any) -> Any:
         raise ApiError(
             503, "The server is over capacity; retry later.", type="server_error", code="overloaded"
         ) from None
+    except ResumptionFailed as error:
+        raise _resumption_error(error) from None
     except (RayTaskError, RayActorError):
         logger.exception("decoder call failed")
         raise ApiError(500, "internal error while decoding", type="server_error") from None
+
+
+def _resumption_error(error: ResumptionFailed) -> ApiError:
+    serving_metrics().resumption_failures.inc()
+    return ApiError(503, str(error), type="server_error", code="replica_failed")
 
 
 def _accepted_or_raise(event: Event) -> Accepted:
@@ -416,6 +436,10 @@ def _decoding_fields(parsed: CompletionRequest | ChatCompletionRequest) -> dict[
         "top_k": parsed.top_k_limit,
         "n": parsed.choices_per_prompt,
     }
+
+
+async def _collect(events: ResumableCall) -> list[Event]:
+    return [event async for event in events]
 
 
 def _choices_or_raise(events: Sequence[Event], choices: int) -> tuple[list[Choice], list[Finished]]:
@@ -451,6 +475,7 @@ class OpenAIIngress:
         self._decoder = decoder
         self._streaming_decoder = decoder.options(stream=True)
         self._settings = settings
+        self._resume_policy = ResumePolicy(settings.resume_attempts, settings.resume_timeout_s)
         self._api_key = os.environ.get(API_KEY_ENV) or None
         if self._api_key is None:
             logger.warning("%s is not set: the API accepts requests without a key", API_KEY_ENV)
@@ -567,6 +592,13 @@ class OpenAIIngress:
         if model is not None and model != self._settings.served_model_name:
             raise ApiError(404, f"The model `{model}` does not exist.", param="model", code="model_not_found")
 
+    def _call(self, decode_request: DecodeRequest) -> ResumableCall:
+        """The decoder's event stream for `decode_request`, resumed on another replica if its own
+        dies. Non-streamed requests use it too, with events held for `progress_interval_s`."""
+        resumptions = serving_metrics().resumptions
+        return ResumableCall(self._streaming_decoder.generate.remote, decode_request, self._resume_policy,
+                             on_resume=resumptions.inc)
+
     async def _respond(
         self,
         request: Request,
@@ -578,14 +610,16 @@ class OpenAIIngress:
         request.state.outcome = outcome
         progress = Progress()
         progress.submitted()
+        if not parsed.stream:
+            decode_request = replace(decode_request, event_interval_s=self._settings.progress_interval_s)
+        events = outcome.call = self._call(decode_request)
+        try:
+            accepted = _accepted_or_raise(await _over_capacity_as_503(events.__anext__()))
+        except BaseException:  # refused, or the client left while the request was queued
+            events.cancel()
+            progress.close()
+            raise
         if parsed.stream:
-            events = self._streaming_decoder.generate.remote(decode_request)
-            try:
-                accepted = _accepted_or_raise(await _over_capacity_as_503(events.__anext__()))
-            except BaseException:  # refused, or the client left while the request was queued
-                events.cancel()
-                progress.close()
-                raise
 
             def on_exit() -> None:
                 if not outcome.streamed_to_end:  # the client left: stop the decoder's rows now
@@ -598,17 +632,15 @@ class OpenAIIngress:
                 stream, on_exit, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
 
-        response = self._decoder.complete.remote(decode_request)
         try:
-            events = await _over_capacity_as_503(response)
+            rest = await _over_capacity_as_503(_collect(events))
         except asyncio.CancelledError:  # the client left: the decoder must not go on
             outcome.client_left = True
-            response.cancel()
+            events.cancel()
             raise
         finally:
             progress.close()
-        accepted = _accepted_or_raise(events[0])
-        choices, finished = _choices_or_raise(events[1:], accepted.choices)
+        choices, finished = _choices_or_raise(rest, accepted.choices)
         if not chunks.with_logprobs:
             choices = [replace(choice, logprobs=None) for choice in choices]
         outcome.usage = make_usage(accepted.prompt_tokens, finished)
@@ -620,7 +652,7 @@ class OpenAIIngress:
 
     async def _sse(
         self,
-        events: DeploymentResponseGenerator,
+        events: ResumableCall,
         accepted: Accepted,
         chunks: ChunkFormat,
         outcome: RequestOutcome,
@@ -632,6 +664,8 @@ class OpenAIIngress:
         try:
             async for event in events:
                 if isinstance(event, TextDelta):
+                    if not event.text and not (chunks.with_logprobs and event.logprobs):
+                        continue  # ids whose text is held back (a partial character, a maybe-stop)
                     progress.text()
                     yield sse(chunks.delta(event))
                 elif isinstance(event, Finished):
@@ -649,5 +683,8 @@ class OpenAIIngress:
         except (RayTaskError, RayActorError):
             logger.exception("decoder stream failed")
             yield sse(ApiError(500, "internal error while decoding", type="server_error").body())
+        except ResumptionFailed as error:  # never a silent cut: the client learns why it ends here
+            logger.warning("stream ends unfinished: %s", error)
+            yield sse(_resumption_error(error).body())
         outcome.streamed_to_end = True
         yield sse("[DONE]")

@@ -96,16 +96,24 @@ class ServingMetrics:
             "cllm_generation_tokens", "Generated tokens.", registry=registry
         )
         self.prompt_tokens = prometheus_client.Counter("cllm_prompt_tokens", "Prompt tokens.", registry=registry)
+        self.resumptions = prometheus_client.Counter(
+            "cllm_resumptions", "Decoder calls resumed on another replica after theirs died.", registry=registry
+        )
+        self.resumption_failures = prometheus_client.Counter(
+            "cllm_resumption_failures", "Requests ended with 503 because no replica took them over in time.",
+            registry=registry,
+        )
 
     def record(self, route: str, status: int, latency_s: float) -> None:
         self.requests.labels(route, str(status)).inc()
         self.latency.labels(route).observe(latency_s)
 
-    def record_row(self, completion_tokens: int, forwards: int, queue_s: float) -> None:
+    def record_row(self, completion_tokens: int, carried_tokens: int, forwards: int, queue_s: float) -> None:
+        """One finished choice; `carried_tokens` of its tokens were decoded by a replica that died."""
         self.queue_time.observe(queue_s)
         self.generated_tokens.inc(completion_tokens)
         if forwards:
-            self.tokens_per_forward.observe(completion_tokens / forwards)
+            self.tokens_per_forward.observe((completion_tokens - carried_tokens) / forwards)
 
     def text(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

@@ -1,5 +1,5 @@
-"""Helpers shared by several test modules: small tokenizers, free ports, trajectory rows, and
-Hugging Face `generate` as the greedy reference."""
+"""Helpers shared by several test modules: small tokenizers, free ports, trajectory rows, a tiny
+checkpoint on disk, and greedy references (Hugging Face `generate`, `cllm.ar_generate`)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ import torch
 from tokenizers import Tokenizer, models, processors
 from transformers import PreTrainedTokenizerFast
 
+from cllm import ar_generate, load_model, tiny_model
 from cllm.data import TrajectoryRow
 from cllm.trajectory import CollectConfig
 from cllm.trajectory import trajectory_rows as collect_rows
@@ -41,9 +42,9 @@ def stop_ray_processes(temp_dir: str) -> int:
     return killed
 
 
-def _kill_marked(temp_dir: str) -> int:
-    parents: dict[int, int] = {}
-    marked: set[int] = set()
+def process_table() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process on the machine."""
+    table: dict[int, tuple[int, str]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -52,10 +53,20 @@ def _kill_marked(temp_dir: str) -> int:
             stat = (entry / "stat").read_text()
         except OSError:  # the process ended meanwhile
             continue
-        pid = int(entry.name)
-        parents[pid] = int(stat.rsplit(")", 1)[1].split()[1])
-        if temp_dir in command and pid != os.getpid():
-            marked.add(pid)
+        table[int(entry.name)] = (int(stat.rsplit(")", 1)[1].split()[1]), command)
+    return table
+
+
+def processes_named(text: str) -> list[int]:
+    """The pids whose command line contains `text`. Ray names an actor's worker process after
+    it: a Serve replica of deployment D in application A runs as `ray::ServeReplica:A:D`."""
+    return sorted(pid for pid, (_, command) in process_table().items() if text in command and pid != os.getpid())
+
+
+def _kill_marked(temp_dir: str) -> int:
+    table = process_table()
+    parents = {pid: parent for pid, (parent, _) in table.items()}
+    marked = {pid for pid, (_, command) in table.items() if temp_dir in command and pid != os.getpid()}
     grew = True
     while grew:
         descendants = {pid for pid, parent in parents.items() if parent in marked} - marked
@@ -190,3 +201,49 @@ def byte_fallback_tokenizer() -> PreTrainedTokenizerFast:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+
+
+TINY_CONTEXT = 4096
+
+
+def save_tiny_checkpoint(path: str, with_eos: bool = True, context: int = TINY_CONTEXT) -> None:
+    """A tiny random Llama and a matching word-level tokenizer (`<unk>`, `<pad>`, `<eos>`, then
+    words t3 ... t127), saved like any Hugging Face checkpoint. Without EOS, every generation
+    runs to max_tokens (the capacity tests need requests that surely last)."""
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": 2, **{f"t{i}": i for i in range(3, 128)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = WhitespaceSplit()
+    special_tokens = {
+        "unk_token": "<unk>",
+        "pad_token": "<pad>",
+        **({"eos_token": "<eos>"} if with_eos else {}),
+    }
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, **special_tokens)
+    model = tiny_model("llama", vocab_size=128, seed=1, max_position_embeddings=context)
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+
+
+class Reference:
+    """Greedy AR text of a saved model, computed in the test's process."""
+
+    def __init__(self, path: str):
+        self.model, self.tokenizer = load_model(path, device="cpu")
+
+    def ids(self, prompt: str) -> list[int]:
+        return self.tokenizer(prompt)["input_ids"]
+
+    def generate(self, prompt_ids: list[int], max_tokens: int, with_eos: bool = True) -> list[int]:
+        output = ar_generate(
+            self.model,
+            torch.tensor([prompt_ids]),
+            max_new_tokens=max_tokens,
+            eos_token_id=self.tokenizer.eos_token_id if with_eos else None,
+            pad_token_id=self.tokenizer.pad_token_id,
+        )
+        return output.new_tokens[0]
+
+    def text(self, prompt: str, max_tokens: int) -> str:
+        return self.tokenizer.decode(self.generate(self.ids(prompt), max_tokens), skip_special_tokens=True)
