@@ -219,19 +219,31 @@ class Decoder:
             else:  # the carried ids had ended the choice; only its Finished was lost
                 job.stream.finish(forwards=0)
         open_choices = {job.stream.index for job in jobs}
-        try:
-            while open_choices:
-                for event in coalesce(await self._ready(queue, request.event_interval_s, len(open_choices))):
-                    if isinstance(event, (Finished, Failed)):
-                        open_choices.discard(event.index)
-                    yield event
-        finally:
-            # Normal end, or Serve cancelled us because the client left: rows still decoding
-            # must stop costing forwards and free their slots; waiting ones must not start.
+
+        def abort_open(_: object = None) -> None:
+            # Rows still decoding must stop costing forwards and free their slots; waiting ones
+            # must not start.
             for job in jobs:
                 if job.stream.index in open_choices:
                     job.stream.cancel()
                     self._loop.abort(job)
+            open_choices.clear()
+
+        # A client that leaves cancels the task reading this generator. If that happens while the
+        # generator waits at a `yield`, its `finally` runs only once it is garbage-collected, and
+        # the rows would decode on meanwhile: the task's end aborts them at once.
+        reader = asyncio.current_task()
+        reader.add_done_callback(abort_open)
+        try:
+            while open_choices:
+                ready = await self._ready(queue, request.event_interval_s, len(open_choices))
+                for event in coalesce(ready):
+                    if isinstance(event, (Finished, Failed)):
+                        open_choices.discard(event.index)
+                    yield event
+        finally:
+            reader.remove_done_callback(abort_open)
+            abort_open()
 
     @staticmethod
     async def _ready(queue: asyncio.Queue, interval_s: float, open_choices: int) -> list[Event]:
