@@ -2,12 +2,13 @@
 
 Per domain: teacher size, build time, held-out answer loss (from the build record), three greedy
 samples, task quality (math: exact-answer accuracy; sql: execution accuracy and exact match; code:
-repetition of the greedy outputs), and
+pass@1, each output's tests run in the sandbox of `cllm.execution`), and
 the teacher's Jacobi tokens-per-forward at n=16 next to greedy AR, with a token-for-token check.
 Builds a missing teacher first (minutes). Run:
 
-    python benchmarks/toy_quality.py                  # both domains
+    python benchmarks/toy_quality.py                  # every domain
     python benchmarks/toy_quality.py --domain math --prompts 200
+    python benchmarks/toy_quality.py --domain code --prompts 500
 """
 
 from __future__ import annotations
@@ -19,11 +20,12 @@ import time
 import torch
 
 from cllm import toy
+from cllm.execution import CodeProblem, check_completions
 from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.metrics import repetition_rate
 from cllm.toy import tasks, teacher
 
-MAX_NEW_TOKENS = {"math": 96, "code": 160, "sql": 64}
+MAX_NEW_TOKENS = {"math": 96, "code": 64, "sql": 64}
 
 
 def evaluate(model, tokenizer, domain: str, prompts: list[toy.ToyPrompt], max_new_tokens: int,
@@ -49,7 +51,11 @@ def evaluate(model, tokenizer, domain: str, prompts: list[toy.ToyPrompt], max_ne
         ar_forwards += ar.stats.total.forwards
         jacobi_forwards += jacobi.stats.total.forwards
     texts = [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in ar_tokens]
-    checks = [tasks.check_answer(domain, text, p.answer, p.prompt) for text, p in zip(texts, prompts)]
+    if domain == "code":
+        problems = [CodeProblem(p.prompt_id, p.prompt, p.test, p.entry_point) for p in prompts]
+        checks = [result.passed for result in check_completions(problems, texts)]
+    else:
+        checks = [tasks.check_answer(domain, text, p.answer, p.prompt) for text, p in zip(texts, prompts)]
     exact = [tasks.exact_match(domain, text, p.answer) for text, p in zip(texts, prompts)]
     generated = sum(len(tokens) for tokens in ar_tokens)
     return {

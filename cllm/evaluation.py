@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cllm.execution import CodeProblem, check_completions, pass_at_1
 from cllm.jacobi import (
     GenerationStats,
     JacobiOutput,
@@ -202,11 +203,16 @@ def task_metric(
     decode: Callable[[list[int]], str],
     references: Sequence[str | None],
     prompts: Sequence[str] | None = None,
+    problems: Sequence[CodeProblem | None] | None = None,
 ) -> TaskMetric | None:
-    """The task metric of the prompts' source as a function of a run's outputs: for a toy
-    source with a metric (`toy:heldout`: the final answer matches the reference answer text;
-    `toy-sql:heldout`: execution accuracy on the database each prompt's schema describes, so
-    `prompts` are needed), else None (data files, toy code, or a prompt without a reference)."""
+    """The task metric of the prompts' source as a function of a run's outputs: pass@1 when
+    every prompt is a code problem (`toy-code:heldout`, HumanEval or MBPP files: each output runs
+    its problem's tests in the sandbox); for a toy source with a metric (`toy:heldout`: the final
+    answer matches the reference answer text; `toy-sql:heldout`: execution accuracy on the
+    database each prompt's schema describes, so `prompts` are needed); else None (other data
+    files, or a prompt without a reference)."""
+    if problems and all(problem is not None for problem in problems):
+        return code_pass_at_1(problems, decode)
     toy = parse_toy_name(prompts_spec)
     if toy is None or not has_task_metric(toy.domain) or not references or None in references:
         return None
@@ -217,6 +223,16 @@ def task_metric(
     def accuracy(outputs: list[list[int]]) -> float:
         checks = (check_answer(toy.domain, decode(o), r, p) for o, r, p in zip(outputs, references, texts))
         return sum(map(bool, checks)) / len(outputs)
+
+    return accuracy
+
+
+def code_pass_at_1(problems: Sequence[CodeProblem], decode: Callable[[list[int]], str]) -> TaskMetric:
+    """pass@1 of a run's outputs: each decoded output, cut at HumanEval's stop sequences, runs its
+    problem's tests in the sandbox, all cores at once."""
+
+    def accuracy(outputs: list[list[int]]) -> float:
+        return pass_at_1(check_completions(problems, [decode(output) for output in outputs]))
 
     return accuracy
 

@@ -3,16 +3,21 @@ formats, and the toy corpora, turned into tokenized prompts with ground-truth la
 
 Formats (`--format`): gsm8k (`question`/`answer`), spider (`question`/`query`, optional schema
 text), code-search-net (`docstring`/`code` or `func_documentation_string`/`func_code_string`),
-sharegpt (`conversations`: first human turn, first model reply as the label) and the generic
-`{"prompt", "answer"}` (`jsonl` or `generic`). `auto` picks one per file from its first row.
+sharegpt (`conversations`: first human turn, first model reply as the label), the code benchmarks
+humaneval (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`) and mbpp (`task_id`,
+`text`, `code`, `test_list`, optional `test_setup_code`), and the generic `{"prompt", "answer"}`
+(`jsonl` or `generic`). `auto` picks one per file from its first row. Files may be gzipped
+(`.jsonl.gz`). A code benchmark's record carries the `CodeProblem` that scores it by execution.
 
 A prompt is wrapped in the tokenizer's chat template when it has one, else in the format's plain
-template (the generic format's prompt is used as is). Bad rows are collected as `BadRow`s with
+template (the generic format's prompt is used as is). Code benchmarks are completions and never
+take a chat template: the model continues the prompt's code. Bad rows are collected as `BadRow`s with
 their file and row number instead of raising, unless `strict=True`.
 """
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import json
 import posixpath
@@ -23,13 +28,15 @@ from typing import Any
 import fsspec
 import pyarrow.parquet as pq
 
+from cllm.execution import MBPP_STOP_SEQUENCES, CodeProblem
 from cllm.hf import encode_chat, has_chat_template
 from cllm.storage import display_path
 from cllm.toy import parse_toy_name
 from cllm.toy.tasks import toy_prompts
 
-FORMATS = ("auto", "gsm8k", "spider", "code-search-net", "sharegpt", "jsonl", "generic")
-_FILE_SUFFIXES = (".jsonl", ".json", ".parquet")
+FORMATS = ("auto", "gsm8k", "spider", "code-search-net", "sharegpt", "humaneval", "mbpp", "jsonl", "generic")
+_FILE_SUFFIXES = (".jsonl", ".json", ".parquet", ".jsonl.gz", ".json.gz")
+_COMPLETION_FORMATS = frozenset({"humaneval", "mbpp"})  # the model continues the prompt: no chat template
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,7 @@ class PromptRecord:
     answer: str | None  # the ground-truth answer text
     source: str
     row: int  # 1-based row (line) number in `source`
+    problem: CodeProblem | None = None  # code: the tests that score a completion by execution
 
 
 @dataclass(frozen=True)
@@ -63,6 +71,7 @@ class _Example:
 
     request: str
     answer: str | None
+    problem: CodeProblem | None = None
 
 
 # -- formats -------------------------------------------------------------------------------------
@@ -121,6 +130,45 @@ def _sharegpt(row: dict) -> _Example:
     return _Example(request, _optional_text(reply, "value", "content") if reply else None)
 
 
+def _task_id(row: dict) -> str:
+    if row.get("task_id") is None:
+        raise BadRowError("missing field 'task_id'")
+    return str(row["task_id"])
+
+
+def _humaneval(row: dict) -> _Example:
+    prompt = _text(row, "prompt")
+    problem = CodeProblem(_task_id(row), prompt, _text(row, "test"), _text(row, "entry_point"))
+    return _Example(prompt, _optional_text(row, "canonical_solution"), problem)
+
+
+def _mbpp_entry_point(code: str, tests: list[str]) -> str:
+    """The function of MBPP's reference code that the tests call (its last top-level one if none is)."""
+    try:
+        names = [node.name for node in ast.parse(code).body if isinstance(node, ast.FunctionDef)]
+    except SyntaxError as error:
+        raise BadRowError(f"field 'code' is not valid Python ({error.msg})") from None
+    if not names:
+        raise BadRowError("field 'code' defines no function")
+    called = [name for name in names if any(f"{name}(" in test for test in tests)]
+    return (called or names)[-1]
+
+
+def _mbpp(row: dict) -> _Example:
+    """MBPP as a completion task: the description and the first test in a docstring, then the model
+    writes the whole function; `check` runs the row's asserts, which call the function by name."""
+    text, code = _text(row, "text", "prompt"), _text(row, "code")
+    tests = row.get("test_list")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
+        raise BadRowError("field 'test_list' is not a non-empty list of assert statements")
+    entry_point = _mbpp_entry_point(code, tests)
+    prompt = f'"""\n{text.strip()}\n{tests[0].strip()}\n"""\n'
+    setup = _optional_text(row, "test_setup_code") or ""
+    check = "def check(candidate):\n" + "".join(f"    {test.strip()}\n" for test in tests)
+    problem = CodeProblem(_task_id(row), prompt, f"{setup}\n{check}", entry_point, MBPP_STOP_SEQUENCES)
+    return _Example(prompt, code, problem)
+
+
 def _generic(row: dict) -> _Example:
     return _Example(_text(row, "prompt"), _optional_text(row, "answer", "completion", "response"))
 
@@ -130,6 +178,8 @@ _EXTRACTORS: dict[str, Callable[[dict], _Example]] = {
     "spider": _spider,
     "code-search-net": _code_search_net,
     "sharegpt": _sharegpt,
+    "humaneval": _humaneval,
+    "mbpp": _mbpp,
     "jsonl": _generic,
     "generic": _generic,
 }
@@ -144,6 +194,8 @@ _PLAIN_TEMPLATES = {
         "gives helpful, detailed, and polite answers to the user's questions. "
         "USER: {request} ASSISTANT:"
     ),
+    "humaneval": "{request}",
+    "mbpp": "{request}",
     "jsonl": "{request}",
     "generic": "{request}",
 }
@@ -155,6 +207,10 @@ def detect_format(row: Any) -> str | None:
         return None
     if "conversations" in row:
         return "sharegpt"
+    if {"prompt", "test", "entry_point"} <= row.keys():
+        return "humaneval"
+    if "test_list" in row and ("text" in row or "prompt" in row):
+        return "mbpp"
     if "question" in row and "query" in row:
         return "spider"
     if "question" in row:
@@ -190,14 +246,15 @@ def _expand(spec: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSyst
 
 def _rows(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[int, Any]]:
     """(1-based row number, parsed row or BadRowError) for each row of a file."""
-    if path.endswith(".parquet"):
+    plain = path.removesuffix(".gz")
+    if plain.endswith(".parquet"):
         with filesystem.open(path, "rb") as handle:
             for number, row in enumerate(pq.read_table(handle).to_pylist(), start=1):
                 yield number, row
         return
-    with filesystem.open(path, "r", encoding="utf-8") as handle:
+    with filesystem.open(path, "r", encoding="utf-8", compression="infer") as handle:
         text = handle.read()
-    if path.endswith(".json") and text.lstrip().startswith("["):  # a JSON array, e.g. Spider's
+    if plain.endswith(".json") and text.lstrip().startswith("["):  # a JSON array, e.g. Spider's
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
@@ -218,7 +275,7 @@ def _rows(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[in
 
 
 def _tokenize_prompt(tokenizer, fmt: str, request: str, use_chat_template: bool) -> tuple[str, list[int]]:
-    if use_chat_template and has_chat_template(tokenizer):
+    if use_chat_template and fmt not in _COMPLETION_FORMATS and has_chat_template(tokenizer):
         return encode_chat(tokenizer, [("user", request)])
     text = _PLAIN_TEMPLATES[fmt].format(request=request)
     return text, tokenizer(text)["input_ids"]
@@ -288,8 +345,9 @@ def load_prompts(
 def _toy_examples(domain: str, split: str, spec: str, limit: int | None, tokenizer) -> Iterator[PromptRecord]:
     for row, item in enumerate(toy_prompts(split, domain, limit=limit), start=1):
         # Toy prompts carry their template already; encoding prepends BOS as in teacher training.
+        problem = CodeProblem(item.prompt_id, item.prompt, item.test, item.entry_point) if item.test else None
         yield PromptRecord(item.prompt_id, tokenizer(item.prompt)["input_ids"],
-                           _label_ids(tokenizer, item.answer), item.prompt, item.answer, spec, row)
+                           _label_ids(tokenizer, item.answer), item.prompt, item.answer, spec, row, problem)
 
 
 def _file_examples(
@@ -322,4 +380,4 @@ def _file_examples(
                 continue
             text, ids = _tokenize_prompt(tokenizer, fmt, example.request, use_chat_template)
             yield PromptRecord(_file_prompt_id(name, row), ids, _label_ids(tokenizer, example.answer),
-                               text, example.answer, source, row)
+                               text, example.answer, source, row, example.problem)

@@ -5,7 +5,7 @@
 Stages, each with its artifacts under --output (default runs/demo/ for math, runs/demo-<domain>/
 otherwise):
   1. teacher   build (first time only, cached under ~/.cache/cllm) or load the toy teacher of
-               --domain (math by default; `make demo DOMAIN=sql`);
+               --domain (math by default; `make demo DOMAIN=sql`, `make demo DOMAIN=code`);
   2. collect   Jacobi trajectories of the teacher on the toy training prompts (trajectories/),
                with pipelines/collect.py on a local Ray;
   3. train     consistency-train the CLLM with DeepSpeed on 2 CPU workers (cllm/hf), with
@@ -97,7 +97,13 @@ BUDGETS = {
 # fewer steps per second; with v2 (97.0%), 100%. Figures: README.
 # Its short answers let collection batch 32 prompts (1.24x the prompts/s of 16).
 _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collect_batch_size": 32}
+# Toy code's bodies are 27-60 tokens, two to four blocks, so 8,000 prompts give as many training
+# blocks as SQL's 18,000; otherwise SQL's recipe: 4 packed states, a peak rate of 1e-3, and the AR
+# term on the canonical solutions (a teacher's failing bodies would be taught otherwise).
+_CODE_QUICK = replace(BUDGETS["quick"], train_prompts=8_000, train_lr=1e-3, train_packed_states=4,
+                      train_ar_target="labels", **_SQL_LENGTHS)
 DOMAIN_BUDGETS = {
+    "code": {"quick": _CODE_QUICK, "long": replace(_CODE_QUICK, train_prompts=16_000)},
     "sql": {
         "quick": replace(BUDGETS["quick"], train_prompts=18_000, train_lr=1e-3, train_packed_states=4,
                          train_ar_target="labels", **_SQL_LENGTHS),

@@ -7,8 +7,9 @@ For every model: AR and Jacobi tokens/s timed side by side in this one process (
 the same batches, every model and method taking turns batch by batch), tokens per forward,
 speedup over the baseline model's AR, fast-forwarded and stationary tokens per block, and quality
 (the task metric where there is one: exact final answers for toy math, execution accuracy and
-exact match for toy SQL; agreement with the baseline's greedy output; held-out loss on reference
-answers). Writes report.json, report.md and PNG plots into --output.
+exact match for toy SQL, pass@1 for code (toy code, HumanEval or MBPP JSONL files: every output's
+tests run in a sandboxed subprocess, `cllm.execution`); agreement with the baseline's greedy
+output; held-out loss on reference answers). Writes report.json, report.md and PNG plots into --output.
 One process keeps the timing fair, so there is no Ray here.
 """
 
@@ -36,6 +37,7 @@ from cllm.metrics import answer_loss
 from cllm.progress import Progress
 from cllm.prompts import PromptRecord, load_prompts
 from cllm.report import REPORT_MD, markdown_table, visible_token, write_report
+from cllm.storage import storage_options
 from cllm_pipelines.common import quiet_libraries
 
 
@@ -52,6 +54,7 @@ class EvaluateConfig:
     output: str
     seed: int
     repeats: int
+    s3_endpoint: str | None = None  # of an S3-compatible store holding --prompts
 
 
 def _model_spec(text: str) -> tuple[str, str]:
@@ -68,7 +71,9 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--models", nargs="+", type=_model_spec, default=[("teacher", "toy")],
                         metavar="NAME=PATH", help="models to compare, in table order (default: teacher=toy)")
     parser.add_argument("--baseline", help="model whose greedy AR is the 1.0x reference (default: the first)")
-    parser.add_argument("--prompts", default="toy:heldout", help="prompt source, as in collect (default: toy:heldout)")
+    parser.add_argument("--prompts", default="toy:heldout",
+                        help="prompt source, as in collect: a toy split, or JSONL/JSON/Parquet files (.gz too), local "
+                             "or s3://, e.g. HumanEval.jsonl.gz (default: toy:heldout)")
     parser.add_argument("--format", default="auto", help="prompt file format, as in collect (default: auto)")
     parser.add_argument("--n-token", dest="n_tokens", nargs="+", type=int, default=[16],
                         help="Jacobi block sizes to evaluate (default: 16)")
@@ -80,6 +85,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--seed", type=int, default=0, help="seed of the Jacobi initial guesses")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed decodes per batch and method, the fastest counts (default: 3)")
+    parser.add_argument("--s3-endpoint", default=None, help="endpoint URL of an S3-compatible store for --prompts")
     args = parser.parse_args(argv)
     models = dict(args.models)
     if len(models) != len(args.models):
@@ -91,7 +97,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
         models=models, baseline=baseline, prompts=args.prompts, format=args.format,
         n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens, limit=args.limit or None,
         batch_size=args.batch_size, output=args.output, seed=args.seed,
-        repeats=args.repeats,
+        repeats=args.repeats, s3_endpoint=args.s3_endpoint,
     )
 
 
@@ -105,7 +111,8 @@ class LoadedModel:
 def load(name: str, path: str, config: EvaluateConfig) -> LoadedModel:
     """A model with its prompts, tokenized by its own tokenizer."""
     model, tokenizer = load_model(path)
-    records, bad_rows = load_prompts(config.prompts, tokenizer, format=config.format, limit=config.limit)
+    records, bad_rows = load_prompts(config.prompts, tokenizer, format=config.format, limit=config.limit,
+                                     storage_options=storage_options(config.s3_endpoint))
     if bad_rows:
         print(f"[{name}] skipped {len(bad_rows)} unusable prompt rows, e.g. {bad_rows[0]}", file=sys.stderr)
     print(f"[{name}] {path}: {len(records)} prompts", file=sys.stderr, flush=True)
@@ -132,7 +139,8 @@ def measure_quality(loaded: LoadedModel, runs: list[RunResult], config: Evaluate
     )
     references = [record.answer for record in records]
     prompts = [record.prompt for record in records]
-    score_task(evaluation, task_metric(config.prompts, decode, references, prompts),
+    problems = [record.problem for record in records]
+    score_task(evaluation, task_metric(config.prompts, decode, references, prompts, problems),
                exact_match_metric(config.prompts, decode, references))
     return evaluation
 

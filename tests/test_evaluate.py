@@ -164,9 +164,26 @@ def test_task_metric_scores_math_answers_of_toy_sources_only():
         metric = task_metric(source, decode, references)
         assert metric([[0], [2]]) == 0.5
         assert metric([[0], [1]]) == 1.0
-    assert task_metric("toy-code:heldout", decode, references) is None  # no task metric
+    assert task_metric("toy-code:heldout", decode, references) is None  # code needs its problems' tests
     assert task_metric("data/gsm8k.jsonl", decode, references) is None
     assert task_metric("toy:heldout", decode, [references[0], None]) is None  # a reference is missing
+
+
+def test_code_is_scored_by_pass_at_1_when_every_prompt_has_tests():
+    from cllm.execution import CodeProblem
+
+    bodies = ["    return a + b\n", "    return a - b\n", "    while True:\n        pass\n",
+              "    return a + b\ndef add(a, b):\n    return 0\n"]  # the last is cut at its stop sequence
+
+    def decode(ids: list[int]) -> str:
+        return "".join(bodies[i] for i in ids)
+
+    check = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
+    add = CodeProblem("t/0", "def add(a: int, b: int) -> int:\n", check, "add")
+    metric = task_metric("HumanEval.jsonl.gz", decode, ["    return a + b\n"] * 2, problems=[add, add])
+    assert metric([[0], [1]]) == 0.5
+    assert metric([[3], [0]]) == 1.0
+    assert task_metric("HumanEval.jsonl.gz", decode, ["x", "y"], problems=[add, None]) is None
 
 
 @pytest.fixture(scope="module")

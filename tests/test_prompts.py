@@ -3,6 +3,7 @@ labels, stable ids, strict mode, Parquet, globs, S3 and the toy sources."""
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
@@ -11,7 +12,10 @@ import pyarrow.parquet as pq
 import pytest
 from helpers import char_tokenizer
 
+from cllm import prompts as prompts_module
+from cllm.execution import check_completion
 from cllm.prompts import BadRowError, detect_format, load_prompts
+from cllm.toy import ToyPrompt
 from cllm.toy.tasks import toy_prompts
 
 
@@ -109,6 +113,8 @@ def test_auto_detection_and_unknown_fields(tmp_path, tokenizer):
     assert detect_format({"question": "q", "answer": "a"}) == "gsm8k"
     assert detect_format({"docstring": "d"}) == "code-search-net"
     assert detect_format({"prompt": "p"}) == "generic"
+    assert detect_format({"task_id": "t", "prompt": "p", "test": "t", "entry_point": "f"}) == "humaneval"
+    assert detect_format({"task_id": 1, "text": "t", "code": "c", "test_list": []}) == "mbpp"
     unknown = write_jsonl(tmp_path / "odd.jsonl", [{"title": "x"}])
     with pytest.raises(ValueError, match=r"odd.jsonl: cannot detect the prompt format .*'title'"):
         load_prompts(str(unknown), tokenizer)
@@ -172,12 +178,93 @@ def test_toy_sources(tokenizer):
     assert load_prompts("toy:train", tokenizer, limit=2)[0][0].source == "toy:train"
 
 
-def test_duplicate_prompts_are_skipped_as_bad_rows(tokenizer):
-    """Toy code has a few functions with the same docstring: the same prompt, hence the same id."""
-    expected = toy_prompts("heldout", "code")
+def test_duplicate_prompts_are_skipped_as_bad_rows(tokenizer, monkeypatch):
+    """Two toy prompts with the same text would share an id (the toy generators yield distinct
+    prompts, so the corpus is faked here)."""
+    same = ToyPrompt("toy-code-1", "def f():\n", "    return 1\n", "code", "heldout")
+    other = ToyPrompt("toy-code-2", "def g():\n", "    return 2\n", "code", "heldout")
+    monkeypatch.setattr(prompts_module, "toy_prompts", lambda split, domain, limit=None: [same, other, same])
     records, bad = load_prompts("toy-code:heldout", tokenizer)
-    duplicates = [b for b in bad if "duplicate of row" in b.reason]
-    assert duplicates and len(records) + len(duplicates) == len(expected)
-    assert len({r.prompt_id for r in records}) == len(records)
+    assert [r.prompt_id for r in records] == ["toy-code-1", "toy-code-2"]
+    assert [(b.row, b.reason) for b in bad] == [(3, "duplicate of row 1 (same prompt id toy-code-1)")]
     with pytest.raises(BadRowError, match="duplicate of row"):
         load_prompts("toy-code:heldout", tokenizer, strict=True)
+
+
+def test_toy_code_prompts_carry_their_tests(tokenizer):
+    records, bad = load_prompts("toy-code:heldout", tokenizer, limit=5)
+    expected = toy_prompts("heldout", "code", limit=5)
+    assert bad == [] and [r.prompt for r in records] == [p.prompt for p in expected]
+    for record, toy in zip(records, expected):
+        assert record.problem.test == toy.test and record.problem.entry_point == toy.entry_point
+        assert record.answer == toy.answer and check_completion(record.problem, record.answer).passed
+
+
+HUMANEVAL_ROW = {
+    "task_id": "Demo/0", "entry_point": "double",
+    "prompt": 'def double(x: int) -> int:\n    """Twice x.\n    >>> double(2)\n    4\n    """\n',
+    "canonical_solution": "    return 2 * x\n",
+    "test": "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(0) == 0\n",
+}
+MBPP_ROW = {
+    "task_id": 11, "text": "Write a function to add the offset to a number.",
+    "code": "def add_offset(a):\r\n  return a + OFFSET", "test_setup_code": "OFFSET = 3",
+    "test_list": ["assert add_offset(1) == 4", "assert add_offset(-3) == 0"],
+}
+
+
+@pytest.mark.parametrize("gzipped", [False, True])
+def test_humaneval_and_mbpp_files(tmp_path, tokenizer, gzipped):
+    def write(name: str, rows: list) -> Path:
+        text = "\n".join(row if isinstance(row, str) else json.dumps(row) for row in rows) + "\n"
+        path = tmp_path / (name + (".jsonl.gz" if gzipped else ".jsonl"))
+        path.write_bytes(gzip.compress(text.encode()) if gzipped else text.encode())
+        return path
+
+    humaneval = write("humaneval", [HUMANEVAL_ROW, {**HUMANEVAL_ROW, "test": ""}, "{oops"])
+    records, bad = load_prompts(str(humaneval), tokenizer)
+    assert [r.row for r in records] == [1]
+    record = records[0]
+    assert record.prompt == HUMANEVAL_ROW["prompt"]  # as is: the model continues the code
+    assert record.problem.task_id == "Demo/0" and record.problem.entry_point == "double"
+    assert record.answer == "    return 2 * x\n"
+    assert check_completion(record.problem, record.answer).passed
+    assert not check_completion(record.problem, "    return x\n").passed
+    assert [str(b) for b in bad] == [f"{humaneval}:2: field 'test' is empty", f"{humaneval}:3: not JSON (Expecting "
+                                     "property name enclosed in double quotes)"]
+
+    mbpp = write("mbpp", [MBPP_ROW, {**MBPP_ROW, "test_list": "assert x"}, {**MBPP_ROW, "code": "x = ("}])
+    records, bad = load_prompts(str(mbpp), tokenizer)
+    record = records[0]
+    assert record.problem.entry_point == "add_offset" and record.problem.task_id == "11"
+    assert record.prompt == ('"""\nWrite a function to add the offset to a number.\nassert add_offset(1) == 4\n"""\n')
+    assert check_completion(record.problem, "def add_offset(a):\n    return a + OFFSET\n").passed
+    # a whole program: imports and helpers stay, the model's own asserts are cut
+    helper = ("import math\ndef shift(a):\n    return a + OFFSET\n"
+              "def add_offset(a):\n    return shift(a)\nassert False\n")
+    assert check_completion(record.problem, helper).passed
+    assert not check_completion(record.problem, "def add_offset(a):\n    return a\n").passed
+    assert [(b.row, b.reason) for b in bad] == [
+        (2, "field 'test_list' is not a non-empty list of assert statements"),
+        (3, "field 'code' is not valid Python ('(' was never closed)"),
+    ]
+    both, _ = load_prompts(str(tmp_path), tokenizer)  # a directory: gzipped files are found too
+    assert len(both) == 2
+
+
+def test_code_benchmarks_never_take_a_chat_template(tmp_path):
+    chat = char_tokenizer()
+    chat.chat_template = "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}{% endfor %}"
+    path = write_jsonl(tmp_path / "he.jsonl", [HUMANEVAL_ROW])
+    records, _ = load_prompts(str(path), chat)
+    assert records[0].prompt == HUMANEVAL_ROW["prompt"]
+
+
+def test_humaneval_from_s3(s3_server, tokenizer):
+    filesystem = s3_server.filesystem()
+    with filesystem.open(f"{s3_server.bucket}/code/HumanEval.jsonl.gz", "wb") as handle:
+        handle.write(gzip.compress((json.dumps(HUMANEVAL_ROW) + "\n").encode()))
+    options = {"client_kwargs": {"endpoint_url": s3_server.endpoint_url}}
+    records, bad = load_prompts(s3_server.uri("code/HumanEval.jsonl.gz"), tokenizer, storage_options=options)
+    assert bad == [] and records[0].problem.entry_point == "double"
+    assert records[0].source == f"s3://{s3_server.bucket}/code/HumanEval.jsonl.gz"

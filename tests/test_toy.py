@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import re
 from itertools import islice
 
@@ -11,6 +12,7 @@ import pytest
 import torch
 
 from cllm import toy
+from cllm.execution import CodeProblem, check_completions
 from cllm.hf import load_model
 from cllm.metrics import repetition_rate
 from cllm.toy import code as toy_code
@@ -78,45 +80,66 @@ def test_math_splits_share_no_question():
     assert not train & heldout
 
 
-def test_function_pairs_strip_the_docstring_and_dedent():
-    source = '''
-class Box:
-    def size(self, scale):
-        """Return the size,
-        scaled."""
-        value = self.width * scale
-        return value
-
-def one_liner():
-    """Only a docstring."""
-
-def undocumented():
-    return 1
-'''
-    pairs = list(toy_code.function_pairs(source))
-    assert pairs == [
-        ("size", "Return the size,\nscaled.",
-         "def size(self, scale):\n    value = self.width * scale\n    return value"),
-    ]
+def _passes_in_process(prompt: str, body: str, test: str, entry_point: str) -> bool:
+    """Run our own generated code here (the sandbox is for a model's): fast enough for hundreds."""
+    namespace: dict = {}
+    try:
+        exec(f"{prompt}{body}\n{test}\ncheck({entry_point})\n", namespace)
+    except Exception:
+        return False
+    return True
 
 
-@pytest.mark.slow  # parses the whole standard library (several seconds)
-def test_code_splits_share_no_module():
-    corpus = toy_code.corpus()
-    train, heldout = corpus["train"], corpus["heldout"]
-    assert len(train) > 1000 and len(heldout) > 50
+def test_code_tasks_have_humaneval_form():
+    rng = random.Random(0)
+    tasks = [toy_code.draw_task(rng) for _ in range(300)]
+    assert {task.family for task in tasks} == set(toy_code.FAMILIES) and len(toy_code.FAMILIES) >= 8
+    for task in tasks:
+        assert task.prompt.startswith("from typing import ")
+        assert re.search(rf"^def {task.entry_point}\(\w+: [\w\[\]]+\) -> [\w\[\], ]+:$", task.prompt, re.M), task.prompt
+        assert 1 <= task.prompt.count("    >>> ") <= 2 and task.prompt.endswith('    """\n')
+        assert task.test.startswith("def check(candidate):\n")
+        assert task.test.count("    assert candidate(") == toy_code.TEST_CASES >= 5
+        assert task.canonical_solution.startswith("    ") and task.canonical_solution.count("\n") >= 2
+        assert toy_code.specification(task.prompt) == task.specification
+    # names, parameters and constants vary, so a body is read from the prompt
+    assert len({task.entry_point for task in tasks}) > 50
+    assert len({task.canonical_solution for task in tasks}) > 250
 
-    def modules(prompts):
-        return {p.source.split("/")[0].split(":")[0].removesuffix(".py") for p in prompts}
 
-    assert not modules(train) & modules(heldout)
-    assert not {p.prompt for p in train} & {p.prompt for p in heldout}
-    for p in train[:200] + heldout[:50]:
-        assert p.prompt.startswith(toy_code.PROMPT_PREFIX) and p.prompt.endswith(toy_code.PROMPT_SEPARATOR)
-        assert p.answer.startswith(("def ", "async def "))
-        parts = p.source.split("/")
-        assert not {"test", "tests", "idlelib", "turtledemo", "lib2to3"} & set(parts)
-    assert [p.prompt_id for p in train] == [p.prompt_id for p in toy_code.corpus()["train"]]  # stable
+def test_code_generator_is_deterministic_and_splits_by_specification():
+    heldout = toy_prompts("heldout", "code", limit=100)  # a held-out task takes 20 draws: few of them
+    assert toy_code.TASK.prompts("heldout", 20, seed=0) == list(heldout[:20])  # drawn again, the same
+    train = toy_prompts("train", "code", limit=2000)
+    heldout_specs = [toy_code.specification(p.prompt) for p in heldout]
+    train_specs = {toy_code.specification(p.prompt) for p in train}
+    assert len(set(heldout_specs)) == len(heldout)  # held-out tasks are distinct
+    assert not train_specs & set(heldout_specs)  # and never trained on
+    assert all(is_heldout_question(spec) for spec in heldout_specs)
+    taught = [next(stream) for stream in [toy_code.TASK.training_documents(0)] for _ in range(200)]
+    assert not any(is_heldout_question(toy_code.specification(p.prompt)) for p in taught)
+    for p in heldout[:20]:
+        assert p.domain == "code" and p.split == "heldout" and p.test and p.entry_point
+        assert p.answer.startswith("    ")  # the body continues the prompt as is: no space between
+
+
+def test_every_canonical_solution_passes_its_own_test_and_a_wrong_constant_fails():
+    prompts = toy_prompts("heldout", "code", limit=100) + toy_prompts("train", "code", limit=2000)[:300]
+    assert all(_passes_in_process(p.prompt, p.answer, p.test, p.entry_point) for p in prompts)
+    caught = mutated = 0
+    for p in prompts:  # the first integer constant of each body, raised by one
+        match = re.search(r"(?<![\w.])\d+(?![\w.])", p.answer)
+        if match:
+            wrong = f"{p.answer[: match.start()]}{int(match.group()) + 1}{p.answer[match.end():]}"
+            mutated += 1
+            caught += not _passes_in_process(p.prompt, wrong, p.test, p.entry_point)
+    assert mutated > 300 and caught / mutated > 0.9
+    # in the sandbox too, as the evaluation scores them
+    sample = prompts[:12]
+    problems = [CodeProblem(p.prompt_id, p.prompt, p.test, p.entry_point) for p in sample]
+    assert all(r.passed for r in check_completions(problems, [p.answer for p in sample]))
+    broken = [p.answer.replace("return", "return 1 +", 1) for p in sample]
+    assert not any(r.passed for r in check_completions(problems, broken))
 
 
 # -- metrics ------------------------------------------------------------------------------------
@@ -347,3 +370,18 @@ def test_a_tiny_sql_teacher_learns_above_chance(tmp_path):
     assert trained < math.log(len(tokenizer)) - 2.0
     assert trained < untrained - 2.0
     assert tokenizer(prompts[0].prompt)["input_ids"][0] == tokenizer.bos_token_id
+
+
+def test_a_tiny_code_teacher_learns_above_chance(tmp_path):
+    """The real build pipeline on toy code at a toy size: the held-out loss of the bodies ends far
+    below both chance and the untrained model's."""
+    import math
+
+    config = dataclasses.replace(TINY, domain="code", vocab_size=512, max_length=512, train_tokens=40_000,
+                                 eval_prompts=8)
+    model, tokenizer = teacher.load_toy("code", config, cache_dir=tmp_path)
+    prompts = toy_prompts("heldout", "code", limit=8)
+    trained = teacher.toy_build_info("code", tmp_path)["heldout_answer_loss"]
+    untrained = teacher.heldout_loss(teacher.new_teacher(config, tokenizer), tokenizer, prompts, config.max_length)
+    assert trained < math.log(len(tokenizer)) - 2.0
+    assert trained < untrained - 2.0

@@ -12,15 +12,17 @@ import hashlib
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import NamedTuple
 
 DOMAINS = ("math", "code", "sql")
 DEFAULT_DOMAIN = "math"
 SPLITS = ("train", "heldout")
 TOY_NAMES = ("toy", *(f"toy-{domain}" for domain in DOMAINS))
-TOY_VERSIONS = {"math": "1", "code": "1", "sql": "2"}
+TOY_VERSIONS = {"math": "1", "code": "2", "sql": "2"}
 """Each domain's teacher version, in its cache path: bump it when a corpus, tokenizer or training
 change makes the domain's cached teachers stale. sql 2: a question mix weighted towards the
-varied families, and 8 attention heads."""
+varied families, and 8 attention heads. code 2: generated HumanEval-form tasks scored by
+execution, replacing docstring -> function pairs from the standard library."""
 
 
 @dataclass(frozen=True)
@@ -32,7 +34,9 @@ class ToyPrompt:
     answer: str
     domain: str
     split: str
-    source: str = ""  # code: "<stdlib file>:<function>"; math, sql: the generator's name
+    source: str = ""  # the generator's name and version
+    test: str = ""  # code: HumanEval's `def check(candidate)`, which the answer's body must pass
+    entry_point: str = ""  # code: the function `check` is called on
 
 
 def stable_hash(text: str) -> int:
@@ -51,13 +55,23 @@ def is_heldout_question(question: str) -> bool:
     return stable_hash(question) % QUESTION_HELDOUT_MODULUS == 0
 
 
-Draw = Callable[[random.Random], tuple[str, str, str]]
-"""Draws one task instance: (its question, the prompt text, the reference answer)."""
+class Drawn(NamedTuple):
+    """One drawn task instance. A draw may return a plain (question, prompt, answer) tuple."""
+
+    question: str  # what decides the split: the task's specification
+    prompt: str
+    answer: str
+    test: str = ""  # code only (ToyPrompt.test)
+    entry_point: str = ""
+
+
+Draw = Callable[[random.Random], "tuple[str, str, str] | Drawn"]
+"""Draws one task instance: (its question, the prompt text, the reference answer[, test, entry point])."""
 
 
 @dataclass(frozen=True)
 class GeneratedTask:
-    """The splits of a generated domain (math, sql). The question's hash decides the split, so no
+    """The splits of a generated domain (math, sql, code). The question's hash decides the split, so no
     held-out question can reach training; each split has its own random stream only so that the
     rarer held-out questions are found fast. Held-out prompts ask distinct questions: toy SQL's
     common ones ("How many stores are there?", over many schemas) would otherwise fill a score,
@@ -70,11 +84,13 @@ class GeneratedTask:
     heldout_prompts: int = 1_000
     max_heldout_prompts: int | None = None  # held-out prompts one may ask for (None: any number)
     teacher_draw: Draw | None = None  # the teacher's stream, when it weights questions unlike `draw`
+    answer_prefix: str = " "  # joins prompt and answer (code: none, its body starts with its indent)
 
     def _example(self, rng: random.Random, split: str, draw: Draw | None = None) -> tuple[str, ToyPrompt]:
-        question, prompt, answer = (draw or self.draw)(rng)
-        example = ToyPrompt(toy_prompt_id(self.domain, prompt), prompt, " " + answer, self.domain, split, self.source)
-        return question, example
+        drawn = Drawn(*(draw or self.draw)(rng))
+        example = ToyPrompt(toy_prompt_id(self.domain, drawn.prompt), drawn.prompt, self.answer_prefix + drawn.answer,
+                            self.domain, split, self.source, drawn.test, drawn.entry_point)
+        return drawn.question, example
 
     def examples(self, split: str, seed: int) -> Iterator[ToyPrompt]:
         """Stream of distinct prompts of one split (held-out: of distinct questions). A split with

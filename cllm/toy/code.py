@@ -1,113 +1,391 @@
-"""toy-code: (docstring -> function source) pairs extracted with `ast` from the running
-interpreter's standard library, CodeSearchNet-Python style, split into train / held-out by
-top-level module. Raw source of the training modules is there for pretraining the teacher."""
+"""toy-code: generated Python tasks in HumanEval's form, scored by running their tests (pass@1).
+
+Each task has HumanEval's fields: the prompt (imports, a typed `def` line, a docstring that says
+what to compute, with one or two `>>>` examples), the canonical solution (a multi-line body), a
+`def check(candidate)` of six asserts and the entry point. The asserts' expected values come from
+running the canonical solution, here and now, on generated inputs. Nine families of different
+shape (a fold with a predicate, a character transform, counting into a dict, a loop with an early
+return, nested conditions, two pointers, index arithmetic, a comprehension, a call to a helper in
+the prompt) vary their names, parameters, constants and predicates, so a body must be read from
+the prompt. The split is a hash of the specification (the prompt without its examples), so no
+held-out task is ever trained on.
+"""
 
 from __future__ import annotations
 
-import ast
-import sysconfig
-import textwrap
-from collections.abc import Iterator
-from functools import cache
-from pathlib import Path
+import random
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from cllm.toy import SPLITS, ToyPrompt, stable_hash, toy_prompt_id
+from cllm.toy import TOY_VERSIONS, Drawn, GeneratedTask
 
-PROMPT_PREFIX = "Please generate code based on the following doc:\n"
-PROMPT_SEPARATOR = "\nCode:\n"
-HELDOUT_MODULUS = 10  # a top-level stdlib module is held out when its hash is 0 modulo this
-_SKIPPED_STDLIB_PARTS = frozenset({
-    "test", "tests", "idle_test", "idlelib", "turtledemo", "lib2to3", "site-packages",
-    "dist-packages", "ensurepip", "__pycache__", "pydoc_data", "encodings", "__phello__",
-})
-_MAX_DOCSTRING_CHARS = 400
-_MAX_CODE_CHARS = 800
-_MAX_RAW_FILE_CHARS = 200_000
+_SOURCE = f"cllm.toy code generator v{TOY_VERSIONS['code']}"
+TEST_CASES = 6  # asserts per task
+_CANDIDATE_INPUTS = 60  # inputs drawn per task, of which the tests keep those with the most varied results
+LIST_PARAMS = ("nums", "values", "numbers", "items", "data", "xs", "scores", "arr", "seq", "vals")
+TEXT_PARAMS = ("text", "s", "word", "line", "phrase", "name", "msg")
+INT_PARAMS = ("n", "x", "num", "k", "count", "amount", "level")
+WORDS = ("apple", "kiwi", "fig", "banana", "plum", "cherry", "lime", "pear", "mango", "grape", "date", "melon")
+LABELS = ("low", "high", "big", "small", "hot", "cold", "warm", "fizz", "buzz", "yes", "no", "red", "blue",
+          "green", "alpha", "beta", "gamma", "up", "down", "odd", "even", "zero", "many", "few")
 
-
-def stdlib_root() -> Path:
-    return Path(sysconfig.get_paths()["stdlib"])
+Inputs = Callable[[random.Random], tuple]
+"""Draws one argument tuple for a task's function."""
 
 
-def _stdlib_files() -> list[Path]:
-    """Pure-Python stdlib modules, in sorted (deterministic) order, without tests, demos and
-    generated data tables."""
-    root = stdlib_root()
-    files = []
-    for path in sorted(root.rglob("*.py")):
-        relative = path.relative_to(root)
-        if _SKIPPED_STDLIB_PARTS.intersection(relative.parts) or relative.parts[0].startswith("config-"):
-            continue
-        files.append(path)
-    return files
+@dataclass(frozen=True)
+class Spec:
+    """A task before its examples and tests: everything that decides the body."""
+
+    name: str  # the entry point
+    params: str  # the def line's parameters, typed
+    returns: str  # its return annotation
+    description: str  # the docstring's text
+    body: str  # the canonical solution, indented, newline-terminated
+    inputs: Inputs
+    imports: str = "from typing import List\n"
+    helper: str = ""  # a function defined in the prompt, above the task's
+
+    @property
+    def header(self) -> str:
+        helper = f"{self.helper}\n\n" if self.helper else ""
+        return f"{self.imports}\n\n{helper}def {self.name}({self.params}) -> {self.returns}:\n"
 
 
-def code_module(path: Path) -> str:
-    """The top-level module a stdlib file belongs to: the split unit, so a package is never split."""
-    return path.relative_to(stdlib_root()).parts[0].removesuffix(".py")
+def _predicate(rng: random.Random, var: str) -> tuple[str, str]:
+    """(English, Python) of a predicate on the integer `var`."""
+    k = rng.randint(1, 12)  # inside the lists' range (0-15), so that the constant matters
+    d = rng.randint(3, 7)
+    return rng.choice((
+        (f"greater than {k}", f"{var} > {k}"),
+        (f"less than {k}", f"{var} < {k}"),
+        (f"at least {k}", f"{var} >= {k}"),
+        (f"at most {k}", f"{var} <= {k}"),
+        ("even", f"{var} % 2 == 0"),
+        ("odd", f"{var} % 2 == 1"),
+        (f"divisible by {d}", f"{var} % {d} == 0"),
+        (f"equal to {k}", f"{var} == {k}"),
+        (f"not equal to {k}", f"{var} != {k}"),
+    ))
 
 
-def is_heldout(module: str) -> bool:
-    return stable_hash(module) % HELDOUT_MODULUS == 0
+def _int_list(low: int = 0, high: int = 20, shortest: int = 0, longest: int = 7) -> Inputs:
+    return lambda rng: ([rng.randint(low, high) for _ in range(rng.randint(shortest, longest))],)
 
 
-def code_prompt(docstring: str) -> str:
-    return f"{PROMPT_PREFIX}{docstring}{PROMPT_SEPARATOR}"
+def _name(rng: random.Random, verbs: tuple[str, ...], nouns: tuple[str, ...]) -> str:
+    return f"{rng.choice(verbs)}_{rng.choice(nouns)}"
 
 
-def function_pairs(source: str) -> Iterator[tuple[str, str, str]]:
-    """(name, docstring, dedented source without the docstring) for every documented function
-    (methods and nested functions included) in the Python `source`, in `ast.walk` order."""
+# -- the families --------------------------------------------------------------------------------
+
+
+def _fold(rng: random.Random) -> Spec:
+    p = rng.choice(LIST_PARAMS)
+    text, cond = _predicate(rng, "value")
+    what, start, update = rng.choice((
+        (f"the sum of the numbers in {p} that are {text}", "0", "total += value"),
+        (f"how many numbers in {p} are {text}", "0", "total += 1"),
+        (f"the product of the numbers in {p} that are {text} (1 if there are none)", "1", "total *= value"),
+        (f"the sum of the squares of the numbers in {p} that are {text}", "0", "total += value * value"),
+    ))
+    body = (f"    total = {start}\n    for value in {p}:\n        if {cond}:\n            {update}\n"
+            f"    return total\n")
+    name = _name(rng, ("sum", "total", "fold", "tally", "collect"), ("selected", "matching", "filtered", "picked"))
+    return Spec(name,
+                f"{p}: List[int]", "int", f"Return {what}.", body, _int_list(0, 15))
+
+
+_CHAR_CLASSES = (
+    ("a vowel", 'ch in "aeiou"'),
+    ("a digit", "ch.isdigit()"),
+    ("an upper-case letter", "ch.isupper()"),
+    ("a space", 'ch == " "'),
+    ("a lower-case letter", "ch.islower()"),
+)
+
+
+def _random_text(rng: random.Random) -> tuple:
+    alphabet = "abcdeiouxyzABEOZ019  "
+    return ("".join(rng.choice(alphabet) for _ in range(rng.randint(0, 10))),)
+
+
+def _transform(rng: random.Random) -> Spec:
+    p = rng.choice(TEXT_PARAMS)
+    letter = rng.choice("abcdexyz")
+    text, cond = rng.choice((*_CHAR_CLASSES, (f"the letter '{letter}'", f'ch == "{letter}"')))
+    mark = rng.choice("*#-_.!?")
+    changes = [(f"replaced by '{mark}'", f'"{mark}"'), ("doubled", "ch * 2"), ("removed", None)]
+    if "upper" not in text and "digit" not in text and text != "a space":  # upper-casing would change nothing
+        changes.append(("upper-cased", "ch.upper()"))
+    how, new = rng.choice(changes)
+    if new is None:
+        body = (f"    parts = []\n    for ch in {p}:\n        if {cond}:\n            continue\n"
+                f"        parts.append(ch)\n    return \"\".join(parts)\n")
+    else:
+        body = (f"    parts = []\n    for ch in {p}:\n        if {cond}:\n            parts.append({new})\n"
+                f"        else:\n            parts.append(ch)\n    return \"\".join(parts)\n")
+    return Spec(_name(rng, ("mask", "rewrite", "convert", "clean", "edit"), ("text", "chars", "string", "letters")),
+                f"{p}: str", "str", f"Return {p} with every character that is {text} {how}.", body, _random_text)
+
+
+def _count_into_dict(rng: random.Random) -> Spec:
+    p = rng.choice(LIST_PARAMS)
+    words = rng.random() < 0.4
+    if words:
+        noun, var = "words", "word"
+        key_text, key = rng.choice((("length", "len(word)"), ("first letter", "word[0]"), ("last letter", "word[-1]")))
+        inputs: Inputs = lambda r: ([r.choice(WORDS) for _ in range(r.randint(0, 7))],)  # noqa: E731
+        element, value = "str", "1"
+        aggregate = "how many words have it"
+    else:
+        noun, var = "numbers", "value"
+        d = rng.randint(2, 6)
+        key_text, key = rng.choice(((f"remainder modulo {d}", f"value % {d}"), ("last digit", "value % 10"),
+                                    ("tens digit", "value // 10")))
+        inputs = _int_list(0, 40)
+        element = "int"
+        aggregate, value = rng.choice((("how many numbers have it", "1"),
+                                       ("the sum of the numbers that have it", "value")))
+    body = (f"    counts = {{}}\n    for {var} in {p}:\n        key = {key}\n"
+            f"        counts[key] = counts.get(key, 0) + {value}\n    return counts\n")
+    key_type = "str" if key.startswith("word[") else "int"
+    return Spec(_name(rng, ("count", "group", "histogram", "tally"), ("by_key", "keys", "buckets", "groups")),
+                f"{p}: List[{element}]", f"Dict[{key_type}, int]",
+                f"Return a dict that maps each {key_text} of the {noun} in {p} to {aggregate}.", body, inputs,
+                imports="from typing import Dict, List\n")
+
+
+def _early_return(rng: random.Random) -> Spec:
+    p = rng.choice(LIST_PARAMS)
+    text, cond = _predicate(rng, "value")
+    default = rng.choice(("-1", "0", "None"))
+    returns = "Optional[int]" if default == "None" else "int"
+    kind = rng.randrange(3)
+    if kind < 2:
+        found = ("index", "the index of the first number") if kind == 0 else ("value", "the first number")
+        what = f"{found[1]} in {p} that is {text}, or {default} if there is none"
+        body = (f"    for index in range(len({p})):\n        value = {p}[index]\n        if {cond}:\n"
+                f"            return {found[0]}\n    return {default}\n")
+    else:
+        what = f"the last number in {p} that is {text}, or {default} if there is none"
+        body = (f"    for index in range(len({p}) - 1, -1, -1):\n        if {p}[index] {cond.split(' ', 1)[1]}:\n"
+                f"            return {p}[index]\n    return {default}\n")
+    return Spec(_name(rng, ("find", "locate", "search", "first", "seek"), ("match", "hit", "target", "entry")),
+                f"{p}: List[int]", returns, f"Return {what}.", body, _int_list(0, 15),
+                imports="from typing import List, Optional\n")
+
+
+def _nested_conditions(rng: random.Random) -> Spec:
+    p = rng.choice(INT_PARAMS)
+    a, b, c, d = rng.sample(LABELS, 4)
+    k = rng.randint(0, 15)
+    outer_text, outer = rng.choice(((f"greater than {k}", f"{p} > {k}"), (f"at least {k}", f"{p} >= {k}")))
+    m = rng.randint(3, 5)
+    inner_text, inner = rng.choice((("even", f"{p} % 2 == 0"), ("odd", f"{p} % 2 == 1"),
+                                    (f"divisible by {m}", f"{p} % {m} == 0")))
+    low = rng.randint(-10, 0)
+    description = (f"Return '{a}' if {p} is {outer_text} and {inner_text}, '{b}' if it is {outer_text} but not "
+                   f"{inner_text}, '{c}' if it is less than {low}, and '{d}' otherwise.")
+    body = (f"    if {outer}:\n        if {inner}:\n            return \"{a}\"\n        return \"{b}\"\n"
+            f"    if {p} < {low}:\n        return \"{c}\"\n    return \"{d}\"\n")
+    return Spec(_name(rng, ("classify", "label", "grade", "describe", "rate"), ("number", "value", "level", "size")),
+                f"{p}: int", "str", description, body, lambda r: (r.randint(-15, 25),))
+
+
+def _two_pointers(rng: random.Random) -> Spec:
+    p = rng.choice(LIST_PARAMS)
+    what, combine = rng.choice((
+        ("sums", f"{p}[left] + {p}[right]"),
+        ("products", f"{p}[left] * {p}[right]"),
+        ("differences (the earlier number minus the later one)", f"{p}[left] - {p}[right]"),
+        ("maximums", f"max({p}[left], {p}[right])"),
+        ("minimums", f"min({p}[left], {p}[right])"),
+    ))
+    description = (f"Pair the first number of {p} with the last, the second with the second last, and so on, "
+                   f"and return the list of the pairs' {what}. A middle number is left out.")
+    body = (f"    result = []\n    left = 0\n    right = len({p}) - 1\n    while left < right:\n"
+            f"        result.append({combine})\n        left += 1\n        right -= 1\n    return result\n")
+    return Spec(_name(rng, ("pair", "fold", "mirror", "zip"), ("ends", "edges", "outside_in", "pairs")),
+                f"{p}: List[int]", "List[int]", description, body, _int_list(0, 15))
+
+
+def _index_arithmetic(rng: random.Random) -> Spec:
+    p = rng.choice(LIST_PARAMS)
+    k = rng.randint(1, 3)
+    what, op = rng.choice((("difference between", "-"), ("sum of", "+"), ("product of", "*")))
+    position = "position" if k == 1 else "positions"
+    description = (f"Return, for each number of {p} from index {k} on, the {what} it and the number {k} "
+                   f"{position} before it.")
+    body = (f"    result = []\n    for i in range({k}, len({p})):\n        result.append({p}[i] {op} {p}[i - {k}])\n"
+            f"    return result\n")
+    return Spec(_name(rng, ("step", "lag", "shift", "window"), ("diffs", "deltas", "gaps", "changes")),
+                f"{p}: List[int]", "List[int]", description, body, _int_list(0, 15))
+
+
+def _comprehension(rng: random.Random) -> Spec:
+    p = rng.choice(LIST_PARAMS)
+    text, cond = _predicate(rng, "value")
+    k = rng.randint(2, 9)
+    mapped, expression = rng.choice(((f"each number times {k}", f"value * {k}"),
+                                     (f"each number plus {k}", f"value + {k}"),
+                                     (f"each number minus {k}", f"value - {k}"),
+                                     ("the square of each number", "value * value")))
+    order, finish = rng.choice((("in their original order", "mapped"), ("sorted in increasing order", "sorted(mapped)"),
+                                ("sorted in decreasing order", "sorted(mapped, reverse=True)")))
+    description = f"Return {mapped} of {p} that is {text}, {order}."
+    body = (f"    kept = [value for value in {p} if {cond}]\n    mapped = [{expression} for value in kept]\n"
+            f"    return {finish}\n")
+    return Spec(_name(rng, ("map", "select", "scale", "build"), ("kept", "chosen", "list", "values")),
+                f"{p}: List[int]", "List[int]", description, body, _int_list(0, 15))
+
+
+def _helper_call(rng: random.Random) -> Spec:
+    p = rng.choice(LIST_PARAMS)
+    helper = rng.choice(("weight", "score", "bonus", "cost", "rank", "points"))
+    k, m = rng.randint(2, 5), rng.randint(1, 9)
+    helper_body = rng.choice((f"value * {k} - {m}", f"value % {k} + {m}", f"(value + {m}) // {k}",
+                              f"{m} - value if value > {k} else value"))
+    helper_def = f"def {helper}(value: int) -> int:\n    return {helper_body}"
+    kind = rng.randrange(3)
+    if kind == 0:
+        description = f"Return the largest {helper}(value) over the numbers in {p}, or None if {p} is empty."
+        returns = "Optional[int]"
+        body = (f"    best = None\n    for value in {p}:\n        current = {helper}(value)\n"
+                f"        if best is None or current > best:\n            best = current\n    return best\n")
+    elif kind == 1:
+        text, cond = _predicate(rng, "value")
+        description = f"Return the sum of {helper}(value) over the numbers in {p} that are {text}."
+        returns = "int"
+        body = (f"    total = 0\n    for value in {p}:\n        if {cond}:\n            total += {helper}(value)\n"
+                f"    return total\n")
+    else:
+        bound = rng.randint(0, 10)
+        description = f"Return the numbers in {p} whose {helper}(value) is greater than {bound}, in order."
+        returns = "List[int]"
+        body = (f"    result = []\n    for value in {p}:\n        if {helper}(value) > {bound}:\n"
+                f"            result.append(value)\n    return result\n")
+    return Spec(_name(rng, ("apply", "use", "rate", "measure"), (helper, f"by_{helper}", "all")),
+                f"{p}: List[int]", returns, description, body, _int_list(0, 15),
+                imports="from typing import List, Optional\n", helper=helper_def)
+
+
+FAMILIES: dict[str, Callable[[random.Random], Spec]] = {
+    "fold": _fold,
+    "transform": _transform,
+    "count": _count_into_dict,
+    "early_return": _early_return,
+    "nested": _nested_conditions,
+    "two_pointers": _two_pointers,
+    "index": _index_arithmetic,
+    "comprehension": _comprehension,
+    "helper": _helper_call,
+}
+
+
+# -- tasks -----------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class CodeTask:
+    """One task in HumanEval's form, with the family that made it."""
+
+    family: str
+    specification: str  # what decides the split: the prompt without its examples
+    prompt: str
+    canonical_solution: str
+    test: str
+    entry_point: str
+
+
+def _call(name: str, arguments: tuple) -> str:
+    return f"{name}({', '.join(map(repr, arguments))})"
+
+
+_INTEGER_LITERAL = re.compile(r"(?<![\w.])\d+(?![\w.])")
+
+
+def _compile(spec: Spec, body: str) -> Callable:
+    namespace: dict = {}
+    exec(spec.header + body, namespace)  # noqa: S102 - the generator's own code
+    return namespace[spec.name]
+
+
+def _outcome(function: Callable, arguments: tuple) -> str:
     try:
-        tree = ast.parse(source)
-    except (SyntaxError, ValueError):
-        return
-    lines = source.splitlines()
-    for node in ast.walk(tree):
-        if not isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        docstring = ast.get_docstring(node)
-        body = node.body
-        # Skip one-liners and functions whose docstring shares a line with the header or the code.
-        if not docstring or len(body) < 2 or body[0].lineno <= node.lineno:
-            continue
-        if body[1].lineno <= body[0].end_lineno:
-            continue
-        kept = lines[node.lineno - 1 : body[0].lineno - 1] + lines[body[0].end_lineno : node.end_lineno]
-        code = textwrap.dedent("\n".join(kept)).strip("\n")
-        # Caps keep prompt + code within the teacher's context.
-        if len(docstring) <= _MAX_DOCSTRING_CHARS and len(code) <= _MAX_CODE_CHARS:
-            yield node.name, docstring, code
+        return repr(function(*arguments))
+    except Exception as error:  # a mutant may fail where the solution does not
+        return type(error).__name__
 
 
-@cache
-def corpus() -> dict[str, tuple[ToyPrompt, ...]]:
-    """Both splits, from one pass over the standard library, in file order. Held-out pairs whose
-    prompt also occurs in training (an overriding method that copies its parent's docstring, say)
-    are dropped, so that no held-out prompt is ever seen in training."""
-    splits: dict[str, list[ToyPrompt]] = {name: [] for name in SPLITS}
-    for path in _stdlib_files():
-        split = "heldout" if is_heldout(code_module(path)) else "train"
-        source = path.read_text(encoding="utf-8", errors="replace")
-        relative = path.relative_to(stdlib_root()).as_posix()
-        for function, docstring, code in function_pairs(source):
-            prompt = code_prompt(docstring)
-            splits[split].append(ToyPrompt(toy_prompt_id("code", prompt + code), prompt, code, "code",
-                                           split, f"{relative}:{function}"))
-    seen = {example.prompt for example in splits["train"]}
-    splits["heldout"] = [example for example in splits["heldout"] if example.prompt not in seen]
-    return {split: tuple(examples) for split, examples in splits.items()}
+def _off_by_one_mutants(spec: Spec) -> list[Callable]:
+    """The canonical solution with one integer constant raised by one, for each constant."""
+    return [_compile(spec, f"{spec.body[: m.start()]}{int(m.group()) + 1}{spec.body[m.end():]}")
+            for m in _INTEGER_LITERAL.finditer(spec.body)]
 
 
-def prompts(split: str, limit: int | None) -> list[ToyPrompt]:
-    examples = list(corpus()[split])
-    return examples if limit is None else examples[:limit]
+def _test_inputs(spec: Spec, function: Callable, rng: random.Random) -> list[tuple]:
+    """TEST_CASES different argument tuples, chosen from drawn ones so that the tests catch a wrong
+    constant: greedily those that tell the most off-by-one mutants from the solution, then one per
+    distinct result, then the rest, each in draw order."""
+    drawn: dict[str, tuple] = {}
+    for _ in range(_CANDIDATE_INPUTS):
+        arguments = spec.inputs(rng)
+        drawn.setdefault(repr(arguments), arguments)
+    candidates = list(drawn.values())
+    expected = [_outcome(function, arguments) for arguments in candidates]
+    mutants = _off_by_one_mutants(spec)
+    caught = [{index for index, mutant in enumerate(mutants) if _outcome(mutant, arguments) != result}
+              for arguments, result in zip(candidates, expected)]
+    chosen: list[int] = []
+    remaining = set().union(*caught) if caught else set()
+    while remaining and len(chosen) < TEST_CASES:
+        best = max(range(len(candidates)), key=lambda i: len(caught[i] & remaining))
+        chosen.append(best)
+        remaining -= caught[best]
+    seen_results = {expected[i] for i in chosen}
+    for i, result in enumerate(expected):
+        if len(chosen) < TEST_CASES and i not in chosen and result not in seen_results:
+            chosen.append(i)
+            seen_results.add(result)
+    chosen += [i for i in range(len(candidates)) if i not in chosen][: TEST_CASES - len(chosen)]
+    return [candidates[i] for i in chosen]
 
 
-def raw_texts() -> list[str]:
-    """Source of the training modules, for pretraining (held-out modules are never included)."""
-    return [
-        path.read_text(encoding="utf-8", errors="replace")[:_MAX_RAW_FILE_CHARS]
-        for path in _stdlib_files()
-        if not is_heldout(code_module(path))
-    ]
+def make_task(family: str, rng: random.Random) -> CodeTask:
+    """A task of `family`: its expected values come from running the canonical solution (our own
+    code, so in this process) on drawn inputs chosen to catch wrong constants (`_test_inputs`);
+    the docstring shows the first one or two. Specifications whose results barely vary (a predicate no input meets) are
+    drawn again, so that the tests tell a right body from a wrong one."""
+    while True:
+        spec = FAMILIES[family](rng)
+        function = _compile(spec, spec.body)
+        inputs = _test_inputs(spec, function, rng)
+        results = [function(*arguments) for arguments in inputs]
+        if len(inputs) == TEST_CASES and len(set(map(repr, results))) >= 3:
+            break
+    shown = "".join(f"    >>> {_call(spec.name, args)}\n    {result!r}\n"
+                    for args, result in zip(inputs, results[: rng.choice((1, 2))]))
+    prompt = f'{spec.header}    """{spec.description}\n{shown}    """\n'
+    asserts = "".join(f"    assert candidate({', '.join(map(repr, args))}) == {result!r}\n"
+                      for args, result in zip(inputs, results))
+    test = f"def check(candidate):\n{asserts}"
+    return CodeTask(family, f'{spec.header}    """{spec.description}', prompt, spec.body, test, spec.name)
+
+
+def specification(prompt: str) -> str:
+    """A toy-code prompt without its docstring examples: the part that decides the split."""
+    return prompt.split("\n    >>> ", 1)[0]
+
+
+def draw_task(rng: random.Random) -> CodeTask:
+    return make_task(rng.choice(tuple(FAMILIES)), rng)
+
+
+def _draw(rng: random.Random) -> Drawn:
+    task = draw_task(rng)
+    return Drawn(task.specification, task.prompt, task.canonical_solution, task.test, task.entry_point)
+
+
+TASK = GeneratedTask("code", _draw, _SOURCE, answer_prefix="")

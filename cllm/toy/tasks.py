@@ -14,26 +14,26 @@ def toy_prompts(split: str = "train", domain: str | None = None, limit: int | No
                 seed: int = 0) -> list[ToyPrompt]:
     """Prompts of a toy domain's split, each with its reference answer, in a fixed order.
 
-    math: a fixed number of distinct generated prompts (any `limit` works: the generator is
-    endless). sql: the same, but its held-out split has 500 (distinct questions). code: every
-    extracted pair of the split's modules."""
+    math, code: a fixed number of distinct generated prompts (any `limit` works: the generator is
+    endless). sql: the same, but its held-out split has 500 (distinct questions)."""
     domain = resolve_domain(domain)
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; choose from {SPLITS}")
     return list(_generated_prompts(split, domain, limit, seed))
 
 
+GENERATED_TASKS = {"math": math_task.TASK, "sql": sql_task.TASK, "code": code_task.TASK}
+"""Every toy domain's generator: its splits (here) and its teacher's training stream (teacher.py)."""
+
+
 @lru_cache(maxsize=4)  # an evaluation loads the prompts once per model; SQL's held-out take 25 s
 def _generated_prompts(split: str, domain: str, limit: int | None, seed: int) -> tuple[ToyPrompt, ...]:
-    if domain == "math":
-        return tuple(math_task.TASK.prompts(split, limit, seed))
-    if domain == "sql":
-        return tuple(sql_task.TASK.prompts(split, limit, seed))
-    return tuple(code_task.prompts(split, limit))
+    return tuple(GENERATED_TASKS[domain].prompts(split, limit, seed))
 
 
 def has_task_metric(domain: str | None) -> bool:
-    """Whether `check_answer` scores the domain (code has no task metric)."""
+    """Whether `check_answer` scores the domain. Code is scored by running each prompt's tests
+    (`ToyPrompt.test`, through `cllm.execution`), not by comparing with the answer."""
     return resolve_domain(domain) in ("math", "sql")
 
 
@@ -41,7 +41,7 @@ def check_answer(domain: str | None, generated_text: str, reference_answer: str,
                  prompt: str | None = None) -> bool | None:
     """The domain's task metric on one output: math, whether the final number matches the
     reference; sql, whether the query returns the reference's result on the database of the
-    `prompt`'s schema (execution accuracy; required for sql); None for a domain without a metric."""
+    `prompt`'s schema (execution accuracy; required for sql); None for code (see `has_task_metric`)."""
     domain = resolve_domain(domain)
     if domain == "math":
         return math_task.check_answer(generated_text, reference_answer)
