@@ -85,16 +85,6 @@ class RowStats:
     def mean_iterations_per_block(self) -> float:
         return sum(self.iterations_per_block) / self.blocks if self.blocks else 0.0
 
-    def as_dict(self) -> dict:
-        return {
-            "forwards": self.forwards,
-            "new_tokens": self.new_tokens,
-            "tokens_per_forward": self.tokens_per_forward,
-            "fast_forwarded": self.fast_forwarded,
-            "stationary": self.stationary,
-            "blocks": self.blocks,
-            "mean_iterations_per_block": self.mean_iterations_per_block,
-        }
 
 
 def block_statistics(states: list[list[int]], fixed_point: list[int], valid: int) -> tuple[int, int]:
