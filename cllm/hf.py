@@ -155,16 +155,6 @@ def model_facts(name_or_path: str, trust_remote_code: bool = False) -> ModelFact
     )
 
 
-def loaded_model_facts(model: torch.nn.Module, tokenizer) -> ModelFacts:
-    """`ModelFacts` of a loaded model."""
-    return ModelFacts(
-        vocab_size=int(model.get_input_embeddings().weight.shape[0]),
-        pad_id=pad_id(tokenizer),
-        eos_ids=eos_ids(tokenizer, getattr(model, "generation_config", None)),
-        context_length=context_length(model.config, tokenizer),
-    )
-
-
 # -- chat ----------------------------------------------------------------------------------------
 
 

@@ -175,10 +175,6 @@ class _GenerationParameters(BaseModel):
     def top_k_limit(self) -> int:
         return max(self.top_k or 0, 0)
 
-    @property
-    def unknown_fields(self) -> list[str]:
-        return sorted(self.model_extra or {})
-
 
 TokenIds = Annotated[list[int], Field(min_length=1)]
 

@@ -147,10 +147,6 @@ def parse_toy_name(name: str) -> ToyName | None:
     return ToyName(domain, split or "train")
 
 
-def is_toy_name(name: str) -> bool:
-    return name.partition(":")[0] in TOY_NAMES
-
-
 def toy_version(domain: str | None) -> str:
     """The teacher version of a toy domain (`DEFAULT_DOMAIN` when None)."""
     return TOY_VERSIONS[resolve_domain(domain)]
