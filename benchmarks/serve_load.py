@@ -147,10 +147,12 @@ async def send(client, model: str, request: LoadRequest, temperature: float,
         else:
             from cllm_serve.batching import Failed, Finished, Rejected, TextDelta
             from cllm_serve.decoder import DecodeRequest
+            from cllm_serve.openai_api import DecodeParams
 
             prompt = request.prompt if isinstance(request.prompt, str) else tuple(request.prompt)
-            decode = DecodeRequest(prompts=(prompt,), max_tokens=request.max_tokens, n_token=n_token,
-                                   temperature=temperature, seed=request.seed)
+            params = DecodeParams(max_tokens=request.max_tokens, n_token=n_token, temperature=temperature,
+                                  seed=request.seed)
+            decode = DecodeRequest(prompts=(prompt,), params=params)
             async for event in client.generate(decode):
                 if isinstance(event, TextDelta) and event.text:
                     first = first if first is not None else time.perf_counter() - started

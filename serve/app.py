@@ -23,13 +23,15 @@ from ray import serve
 from cllm_pipelines.common import Request, require_resources
 from cllm_serve.decoder import Decoder, DecoderSettings
 from cllm_serve.ingress import IngressSettings, OpenAIIngress
+from cllm_serve.openai_api import RequestDefaults
 
 # -- the application builder ----------------------------------------------------------------------
 
 
-class BuilderArgs(DecoderSettings):
+class BuilderArgs(DecoderSettings, RequestDefaults):
     """`serve run serve.app:build_app key=value ...` arguments, or `args:` in serve/config.yaml:
-    the decoder's settings (`DecoderSettings`, their one home) plus the deployments' options.
+    the decoder's settings (`DecoderSettings`) and the requests' defaults (`RequestDefaults`),
+    their one homes, plus the deployments' options.
 
     Deployment options given under `deployments:` in a Serve config override the ones set here."""
 
@@ -106,6 +108,7 @@ def build_app(args: BuilderArgs) -> serve.Application:
     ).bind(decoder_settings)
     ingress_settings = IngressSettings(
         served_model_name=args.served_model_name or args.model,
+        defaults=RequestDefaults(**args.model_dump(include=set(RequestDefaults.model_fields))),
         max_body_bytes=args.max_body_bytes,
         body_timeout_s=args.body_timeout_s,
         health_timeout_s=args.health_timeout_s,

@@ -4,8 +4,9 @@ Each replica loads the model once (`cllm.load_model`: a local directory, a hub i
 runs one long-lived `cllm.Engine` loop (`cllm_serve.batching.EngineLoop`): requests join the
 running rows between Jacobi iterations (`scheduler=continuous`) or in whole batches
 (`scheduler=dynamic`, the old baseline). `mode=ar` decodes every request with one-token blocks,
-the AR baseline. Tokenisation, the chat template, the context-length check, sampling parameters
-and stop sequences live here, next to the tokenizer; the ingress deals only with HTTP.
+the AR baseline. Tokenisation, the chat template, the context-length check and stop sequences
+live here, next to the tokenizer; the ingress deals only with HTTP, and a request's defaults are
+resolved before it arrives (`cllm_serve.openai_api.DecodeParams`).
 
 Chat prompts use the tokenizer's chat template, or `cllm.hf.render_chat`'s plain fallback for a
 tokenizer without one. A request with `n` choices runs as `n` rows (seeds seed, seed + 1, ...).
@@ -44,6 +45,7 @@ from cllm_serve.batching import (
     coalesce,
 )
 from cllm_serve.metrics import DecoderMetrics
+from cllm_serve.openai_api import DecodeParams
 
 Mode = Literal["jacobi", "ar"]
 FALLBACK_MAX_TOKENS = 256  # for a model whose context length is unknown
@@ -57,10 +59,6 @@ class DecoderSettings(BaseModel):
     scheduler: Scheduler = "continuous"
     n_token: int = Field(default=16, ge=1, description="default Jacobi block size")
     max_n_token: int = Field(default=64, ge=1, description="largest block size a request may ask for")
-    default_max_tokens: int | None = Field(
-        default=None, ge=1, description="chat requests without max_tokens; None: the rest of the context (vLLM)"
-    )
-    default_temperature: float = Field(default=0.0, ge=0, le=2, description="when a request gives none")
     max_batch_size: int = Field(default=8, ge=1, description="rows decoded together")
     batch_wait_ms: float = Field(default=5.0, ge=0, description="scheduler=dynamic: wait for company")
     max_prefill_tokens: int = Field(default=8192, ge=1, description="prompt tokens admitted per step")
@@ -81,26 +79,12 @@ class ResumedChoice:
 
 @dataclass(frozen=True)
 class DecodeRequest:
-    """One generation request as the ingress hands it over (already validated for types).
+    """One generation request as the ingress hands it over (validated, its defaults resolved).
     Several prompts (completions) give `n` choices each: choice index = prompt index * n + i."""
 
     prompts: tuple[Prompt, ...] = ()
     messages: tuple[tuple[str, str], ...] | None = None  # (role, text) pairs, for chat
-    max_tokens: int | None = None
-    stop: tuple[str, ...] = ()
-    stop_token_ids: tuple[int, ...] = ()
-    include_stop_str_in_output: bool = False
-    ignore_eos: bool = False
-    min_tokens: int = 0
-    echo: bool = False  # the prompt's text opens each choice
-    n_token: int | None = None
-    seed: int | None = None
-    temperature: float | None = None
-    top_p: float = 1.0
-    top_k: int = 0
-    n: int = 1
-    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
-    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo with logprobs)
+    params: DecodeParams = DecodeParams()
     # None: a new request. Otherwise only these choices run, each after its ids so far (no echo).
     resume: tuple[ResumedChoice, ...] | None = None
     # Hold events up to this long and send them together: a non-streamed request's progress
@@ -197,15 +181,16 @@ class Decoder:
         if isinstance(prepared, Rejected):
             yield prepared
             return
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+        loop, queue, n = asyncio.get_running_loop(), asyncio.Queue(), request.params.n
         resumed = {choice.index: choice for choice in request.resume or ()}
         jobs = [
-            self._job(request, prepared, index // request.n, self._stream(request, prepared, loop, queue, index))
-            for index in range(len(prepared.prompt_ids) * request.n)
+            self._job(request.params, prepared, index // n, self._stream(request.params, prepared, loop, queue, index))
+            for index in range(len(prepared.prompt_ids) * n)
             if request.resume is None or index in resumed
         ]
         yield Accepted(prompt_tokens=sum(len(ids) for ids in prepared.prompt_ids), choices=len(jobs))
-        if request.echo and request.resume is None:
+        echo = request.params.echo
+        if echo and request.resume is None:
             for job in jobs:
                 yield TextDelta(self._decode_text(job.prompt_ids), job.stream.index)
         for job in jobs:
@@ -213,7 +198,7 @@ class Decoder:
             if choice is None:
                 self._loop.submit(job)
                 continue
-            echoed = len(self._decode_text(job.prompt_ids)) if request.echo else 0
+            echoed = len(self._decode_text(job.prompt_ids)) if echo else 0
             if job.stream.resume(list(choice.token_ids), choice.sent_chars - echoed):
                 self._loop.submit(self._continued(job, list(choice.token_ids)))
             else:  # the carried ids had ended the choice; only its Finished was lost
@@ -274,45 +259,45 @@ class Decoder:
         )
         return EngineJob(job.prompt_ids + carried, params, job.stream)
 
-    def _stop_ids(self, request: DecodeRequest) -> frozenset[int]:
+    def _stop_ids(self, params: DecodeParams) -> frozenset[int]:
         """The ids that end a row: EOS unless ignored, and the request's stop_token_ids."""
-        return (frozenset() if request.ignore_eos else self._eos) | frozenset(request.stop_token_ids)
+        return (frozenset() if params.ignore_eos else self._eos) | frozenset(params.stop_token_ids)
 
     def _stream(
-        self, request: DecodeRequest, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop,
+        self, params: DecodeParams, prepared: PreparedRequest, loop: asyncio.AbstractEventLoop,
         queue: asyncio.Queue, index: int,
     ) -> TokenStream:
         return TokenStream(
-            loop, queue, TextAssembler(self._decode_text, request.stop, request.include_stop_str_in_output),
-            prepared.max_tokens[index // request.n], self._stop_ids(request), self._token_text, index,
-            reported_stop_ids=frozenset(request.stop_token_ids), include_stop=request.include_stop_str_in_output,
+            loop, queue, TextAssembler(self._decode_text, params.stop, params.include_stop_str_in_output),
+            prepared.max_tokens[index // params.n], self._stop_ids(params), self._token_text, index,
+            reported_stop_ids=frozenset(params.stop_token_ids), include_stop=params.include_stop_str_in_output,
         )
 
-    def _job(
-        self, request: DecodeRequest, prepared: PreparedRequest, prompt: int, stream: TokenStream
-    ) -> EngineJob:
+    def _job(self, params: DecodeParams, prepared: PreparedRequest, prompt: int, stream: TokenStream) -> EngineJob:
         # Seeds wrap into int64, so seed + index never overflows whatever the client sent.
-        seed = None if request.seed is None else (request.seed + stream.index) % 2**63
-        temperature = request.temperature if request.temperature is not None else self._settings.default_temperature
+        seed = None if params.seed is None else (params.seed + stream.index) % 2**63
         max_tokens = prepared.max_tokens[prompt]
-        params = RequestParams(
+        sampling = SamplingParams(temperature=params.temperature, top_p=params.top_p, top_k=params.top_k, seed=seed)
+        row_params = RequestParams(
             max_new_tokens=max_tokens,
             n_token=prepared.n_token,
-            eos_token_ids=self._stop_ids(request),
-            min_tokens=min(request.min_tokens, max_tokens),
-            sampling=SamplingParams(temperature=temperature, top_p=request.top_p, top_k=request.top_k, seed=seed),
-            logprobs=request.logprobs,
-            prompt_logprobs=request.prompt_logprobs,
+            eos_token_ids=self._stop_ids(params),
+            # A limit left to the context's room may fall under min_tokens; a client's was checked.
+            min_tokens=min(params.min_tokens, max_tokens),
+            sampling=sampling,
+            logprobs=params.logprobs,
+            prompt_logprobs=params.prompt_logprobs,
         )
-        return EngineJob(prepared.prompt_ids[prompt], params, stream)
+        return EngineJob(prepared.prompt_ids[prompt], row_params, stream)
 
     def _prepare(self, request: DecodeRequest) -> PreparedRequest | Rejected:
-        n_token = 1 if self._settings.mode == "ar" else request.n_token or self._settings.n_token
+        params = request.params
+        n_token = 1 if self._settings.mode == "ar" else params.n_token or self._settings.n_token
         if n_token > self._settings.max_n_token:
             return Rejected(
                 f"n_token must be at most {self._settings.max_n_token}", param="n_token", code="invalid_value"
             )
-        if refused := self._out_of_vocabulary(request.stop_token_ids, "stop_token_ids"):
+        if refused := self._out_of_vocabulary(params.stop_token_ids, "stop_token_ids"):
             return refused
         prompts: list[list[int]] = []
         limits: list[int] = []
@@ -320,7 +305,7 @@ class Decoder:
             prompt_ids = self._prompt_ids(prompt, "messages" if request.messages is not None else "prompt")
             if isinstance(prompt_ids, Rejected):
                 return prompt_ids
-            max_tokens = self._max_tokens(len(prompt_ids), request.max_tokens, n_token)
+            max_tokens = self._max_tokens(len(prompt_ids), params, n_token)
             if isinstance(max_tokens, Rejected):
                 return max_tokens
             prompts.append(prompt_ids)
@@ -355,8 +340,8 @@ class Decoder:
             return Rejected("the prompt must not be empty", param=param, code="invalid_value")
         return ids
 
-    def _max_tokens(self, prompt_tokens: int, requested: int | None, n_token: int) -> int | Rejected:
-        fallback = self._settings.default_max_tokens
+    def _max_tokens(self, prompt_tokens: int, params: DecodeParams, n_token: int) -> int | Rejected:
+        requested, fallback = params.max_tokens, params.default_max_tokens
         if self._context_length is None:
             return requested or fallback or FALLBACK_MAX_TOKENS
         # The last Jacobi block may reach n_token - 1 positions past the last kept token.

@@ -50,6 +50,7 @@ from cllm_serve.openai_api import (
     Choice,
     CompletionRequest,
     DetokenizeRequest,
+    RequestDefaults,
     StreamHeader,
     TokenizeRequest,
     Usage,
@@ -74,11 +75,11 @@ KNOWN_ROUTES = frozenset({
     "/health", "/metrics", "/version", "/tokenize", "/detokenize", "/v1/models", "/v1/completions",
     "/v1/chat/completions",
 })
-COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 
 
 class IngressSettings(BaseModel):
     served_model_name: str
+    defaults: RequestDefaults = Field(default_factory=RequestDefaults)
     max_body_bytes: int = Field(default=1_000_000, ge=1)
     body_timeout_s: float = Field(default=30, gt=0, description="reading a request body; then 408")
     health_timeout_s: float = Field(default=10, gt=0, description="a decoder must answer /health within it")
@@ -421,23 +422,6 @@ def _accepted_or_raise(event: Event) -> Accepted:
     return event
 
 
-def _decoding_fields(parsed: CompletionRequest | ChatCompletionRequest) -> dict[str, Any]:
-    """The sampling, stopping and Jacobi fields every generation request hands to the decoder."""
-    return {
-        "stop": parsed.stop_sequences,
-        "stop_token_ids": tuple(parsed.stop_token_ids or ()),
-        "include_stop_str_in_output": bool(parsed.include_stop_str_in_output),
-        "ignore_eos": bool(parsed.ignore_eos),
-        "min_tokens": parsed.min_tokens or 0,
-        "n_token": parsed.n_token,
-        "seed": parsed.seed,
-        "temperature": parsed.temperature,
-        "top_p": parsed.top_p if parsed.top_p is not None else 1.0,
-        "top_k": parsed.top_k_limit,
-        "n": parsed.choices_per_prompt,
-    }
-
-
 async def _collect(events: ResumableCall) -> list[Event]:
     return [event async for event in events]
 
@@ -538,17 +522,7 @@ class OpenAIIngress:
         self._authorize(request)
         parsed: CompletionRequest = parse_request(CompletionRequest, await self._body(request))
         self._check_model(parsed.model)
-        max_tokens = parsed.max_tokens if parsed.max_tokens is not None else COMPLETIONS_DEFAULT_MAX_TOKENS
-        if parsed.min_tokens and parsed.min_tokens > max_tokens:
-            raise ApiError(400, "min_tokens must be at most max_tokens", param="min_tokens", code="invalid_value")
-        decode_request = DecodeRequest(
-            prompts=parsed.prompts,
-            max_tokens=max_tokens,
-            logprobs=parsed.logprobs,
-            prompt_logprobs=parsed.logprobs if parsed.echo else None,
-            echo=bool(parsed.echo),
-            **_decoding_fields(parsed),
-        )
+        decode_request = DecodeRequest(prompts=parsed.prompts, params=parsed.to_decode_params(self._settings.defaults))
         chunks = ChunkFormat.new("completion", parsed.model, parsed.include_usage_chunk, parsed.logprobs is not None)
         return await self._respond(request, parsed, decode_request, chunks)
 
@@ -557,12 +531,8 @@ class OpenAIIngress:
         self._authorize(request)
         parsed: ChatCompletionRequest = parse_request(ChatCompletionRequest, await self._body(request))
         self._check_model(parsed.model)
-        decode_request = DecodeRequest(
-            messages=tuple((message.role, message.text) for message in parsed.messages),
-            max_tokens=parsed.token_limit,
-            logprobs=parsed.logprob_alternatives,
-            **_decoding_fields(parsed),
-        )
+        messages = tuple((message.role, message.text) for message in parsed.messages)
+        decode_request = DecodeRequest(messages=messages, params=parsed.to_decode_params(self._settings.defaults))
         chunks = ChunkFormat.new("chat", parsed.model, parsed.include_usage_chunk, bool(parsed.logprobs))
         return await self._respond(request, parsed, decode_request, chunks)
 

@@ -8,7 +8,8 @@ cannot honour (penalties, logit_bias, best_of, suffix, tools, a non-text respons
 with logprobs in a stream) are accepted only at their neutral value and otherwise rejected with 400. Unknown
 fields are accepted and logged, as vLLM does. `n_token` (the Jacobi block size) is this server's
 extension. An absent `temperature` means the server's default (greedy unless configured
-otherwise), not OpenAI's 1.
+otherwise), not OpenAI's 1. Every default resolves in one place, `to_decode_params` (as vLLM's
+`to_sampling_params`).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ MAX_DETOKENIZE_TOKENS = 1_000_000
 MAX_CHOICES = 16
 MAX_LOGPROBS = 20  # alternatives per token, as OpenAI's chat API allows
 INT64 = 2**63
+COMPLETIONS_DEFAULT_MAX_TOKENS = 16  # OpenAI's documented default for /v1/completions
 
 
 class ApiError(Exception):
@@ -76,6 +78,38 @@ def from_validation_error(error: ValidationError) -> ApiError:
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+class RequestDefaults(BaseModel):
+    """The server's values for the fields a request leaves out (builder arguments)."""
+
+    default_max_tokens: int | None = Field(
+        default=None, ge=1, description="chat requests without max_tokens; None: the rest of the context (vLLM)"
+    )
+    default_temperature: float = Field(default=0.0, ge=0, le=2, description="when a request gives none")
+
+
+@dataclass(frozen=True)
+class DecodeParams:
+    """One request's sampling, stopping, length and log-probability settings with every default
+    resolved; only the context's room is left to the decoder, which tokenizes the prompt."""
+
+    max_tokens: int | None = None  # the client's limit: refused if the prompt leaves less room
+    default_max_tokens: int | None = None  # without max_tokens: at most this, within the room; None: all of it
+    min_tokens: int = 0
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    include_stop_str_in_output: bool = False
+    ignore_eos: bool = False
+    echo: bool = False  # the prompt's text opens each choice
+    n_token: int | None = None  # None: the decoder's block size
+    seed: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0: no limit
+    n: int = 1
+    logprobs: int | None = None  # alternatives per token; None: no log-probabilities
+    prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo with logprobs)
 
 
 class StreamOptions(BaseModel):
@@ -155,8 +189,31 @@ class _GenerationParameters(BaseModel):
             raise ValueError("min_tokens must be at most max_tokens")
         return self
 
+    def to_decode_params(self, defaults: RequestDefaults) -> DecodeParams:
+        """The settings the decoder runs this request with: the request's, or the server's
+        `defaults`, or the API's documented ones."""
+        return DecodeParams(
+            max_tokens=self.token_limit,
+            default_max_tokens=defaults.default_max_tokens,
+            min_tokens=self.min_tokens or 0,
+            stop=(self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ()),
+            stop_token_ids=tuple(self.stop_token_ids or ()),
+            include_stop_str_in_output=bool(self.include_stop_str_in_output),
+            ignore_eos=bool(self.ignore_eos),
+            echo=self.echoes_prompt,
+            n_token=self.n_token,
+            seed=self.seed,
+            temperature=defaults.default_temperature if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=max(self.top_k or 0, 0),
+            n=self.choices_per_prompt,
+            logprobs=self.logprob_alternatives,
+            prompt_logprobs=self.prompt_logprob_alternatives,
+        )
+
     @property
     def token_limit(self) -> int | None:
+        """The completion's token limit; None: the server's default."""
         return self.max_tokens
 
     @property
@@ -164,16 +221,21 @@ class _GenerationParameters(BaseModel):
         return self.n or 1
 
     @property
-    def stop_sequences(self) -> tuple[str, ...]:
-        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
-
-    @property
     def include_usage_chunk(self) -> bool:
         return bool(self.stream_options is not None and self.stream_options.include_usage)
 
     @property
-    def top_k_limit(self) -> int:
-        return max(self.top_k or 0, 0)
+    def echoes_prompt(self) -> bool:
+        return False
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        """Alternatives per generated token the decoder computes (None: no log-probabilities)."""
+        return None
+
+    @property
+    def prompt_logprob_alternatives(self) -> int | None:
+        return None
 
 
 TokenIds = Annotated[list[int], Field(min_length=1)]
@@ -235,6 +297,22 @@ class CompletionRequest(_GenerationParameters):
         if self.echo and self.logprobs is not None and self.stream:
             raise ValueError("echo with logprobs (the prompt's log-probabilities) is served without streaming only")
         return self
+
+    @property
+    def token_limit(self) -> int:
+        return COMPLETIONS_DEFAULT_MAX_TOKENS if self.max_tokens is None else self.max_tokens
+
+    @property
+    def echoes_prompt(self) -> bool:
+        return bool(self.echo)
+
+    @property
+    def logprob_alternatives(self) -> int | None:
+        return self.logprobs
+
+    @property
+    def prompt_logprob_alternatives(self) -> int | None:
+        return self.logprobs if self.echo else None
 
     @property
     def prompts(self) -> tuple[str | tuple[int, ...], ...]:
@@ -325,7 +403,6 @@ class ChatCompletionRequest(_GenerationParameters):
 
     @property
     def logprob_alternatives(self) -> int | None:
-        """Alternatives per token the decoder computes (None: no log-probabilities)."""
         return (self.top_logprobs or 0) if self.logprobs else None
 
     @property

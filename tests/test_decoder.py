@@ -29,6 +29,14 @@ def new_decoder(path: str, **settings):
     return Decoder.func_or_class(DecoderSettings(model=path, **settings))
 
 
+def decode_request(*prompts, messages=None, **params):
+    """A `DecodeRequest` for `prompts` (or chat `messages`) with these `DecodeParams` fields."""
+    from cllm_serve.decoder import DecodeRequest
+    from cllm_serve.openai_api import DecodeParams
+
+    return DecodeRequest(prompts=prompts, messages=messages, params=DecodeParams(**params))
+
+
 def test_token_stream_keeps_its_own_max_tokens_and_eos():
     from cllm.detokenize import TextAssembler
     from cllm_serve.batching import Finished, TextDelta, TokenStream
@@ -62,15 +70,14 @@ def test_token_stream_keeps_its_own_max_tokens_and_eos():
 @pytest.mark.parametrize("scheduler", ["dynamic", "continuous"])
 def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoint, scheduler):
     from cllm_serve.batching import Accepted, Finished, TextDelta
-    from cllm_serve.decoder import DecodeRequest
 
     torch.set_num_threads(1)
     decoder = new_decoder(checkpoint, n_token=4, batch_wait_ms=200, scheduler=scheduler)
     reference = Reference(checkpoint)
     requests = [
-        DecodeRequest(prompts=("t5 t17 t42",), max_tokens=20),
-        DecodeRequest(prompts=((99, 3),), max_tokens=7, seed=5),
-        DecodeRequest(prompts=("t64 t65 t66 t67",), max_tokens=13),
+        decode_request("t5 t17 t42", max_tokens=20),
+        decode_request((99, 3), max_tokens=7, seed=5),
+        decode_request("t64 t65 t66 t67", max_tokens=13),
     ]
 
     async def run() -> list[list]:
@@ -80,12 +87,12 @@ def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoin
     for request, (accepted, text, finished) in zip(requests, results, strict=True):
         prompt = request.prompts[0]
         prompt_ids = reference.ids(prompt) if isinstance(prompt, str) else list(prompt)
-        expected = reference.generate(prompt_ids, request.max_tokens)
+        expected = reference.generate(prompt_ids, request.params.max_tokens)
         assert accepted == Accepted(prompt_tokens=len(prompt_ids))
         decoded = reference.tokenizer.decode(expected, skip_special_tokens=True)
         assert text == TextDelta(decoded, token_ids=tuple(expected))
-        assert isinstance(finished, Finished) and finished.completion_tokens == request.max_tokens
-        assert 1 <= finished.forwards <= request.max_tokens
+        assert isinstance(finished, Finished) and finished.completion_tokens == request.params.max_tokens
+        assert 1 <= finished.forwards <= request.params.max_tokens
     load = decoder.load()
     assert load.batched_rows == 3 and load.peak_rows >= 2  # rows shared forwards
     if scheduler == "dynamic":
@@ -93,11 +100,9 @@ def test_decoder_batches_concurrent_requests_and_each_equals_greedy_ar(checkpoin
 
 
 def test_decoder_ar_mode_equals_greedy_ar(checkpoint):
-    from cllm_serve.decoder import DecodeRequest
-
     decoder = new_decoder(checkpoint, mode="ar")
     reference = Reference(checkpoint)
-    _, text, finished = asyncio.run(decoder.complete(DecodeRequest(prompts=("t8 t9",), max_tokens=9)))
+    _, text, finished = asyncio.run(decoder.complete(decode_request("t8 t9", max_tokens=9)))
     assert text.text == reference.text("t8 t9", 9)
     assert finished.forwards == 9  # one token per forward
 
@@ -113,23 +118,21 @@ def test_decoder_rejects_what_it_cannot_serve(checkpoint):
         assert len(events) == 1 and isinstance(events[0], Rejected), events
         return events[0]
 
-    assert rejection(DecodeRequest(prompts=("t5",), n_token=9)).param == "n_token"
-    assert rejection(DecodeRequest(prompts=((5, 128),))).param == "prompt"
-    assert rejection(DecodeRequest(prompts=("",))).param == "prompt"
+    assert rejection(decode_request("t5", n_token=9)).param == "n_token"
+    assert rejection(decode_request((5, 128))).param == "prompt"
+    assert rejection(decode_request("")).param == "prompt"
     # The last block looks n_token - 1 = 3 positions ahead: 4090 + 3 + 3 fills the 4096 exactly.
     long_prompt = (5,) * 4090
-    assert rejection(DecodeRequest(prompts=(long_prompt,), max_tokens=4)).code == "context_length_exceeded"
-    fits = asyncio.run(decoder.complete(DecodeRequest(prompts=(long_prompt,), max_tokens=3)))
+    assert rejection(decode_request(long_prompt, max_tokens=4)).code == "context_length_exceeded"
+    fits = asyncio.run(decoder.complete(decode_request(long_prompt, max_tokens=3)))
     assert fits[-1].completion_tokens == 3
 
 
 def test_cancelled_request_stops_its_row(checkpoint):
-    from cllm_serve.decoder import DecodeRequest
-
     decoder = new_decoder(checkpoint, n_token=1)
 
     async def run() -> None:
-        task = asyncio.create_task(decoder.complete(DecodeRequest(prompts=("t5",), max_tokens=3000)))
+        task = asyncio.create_task(decoder.complete(decode_request("t5", max_tokens=3000)))
         while decoder.load().generated_tokens == 0 and decoder.load().running_rows == 0:
             await asyncio.sleep(0.01)
         await asyncio.sleep(0.2)
@@ -146,17 +149,16 @@ def test_cancelled_request_stops_its_row(checkpoint):
 def test_short_request_arriving_during_a_long_one_finishes_first(checkpoint):
     """Continuous batching: the short request joins the running long one between iterations,
     finishes, and leaves, while the long one keeps going (it is then cancelled)."""
-    from cllm_serve.decoder import DecodeRequest
 
     torch.set_num_threads(1)
     decoder = new_decoder(checkpoint, n_token=4)
     reference = Reference(checkpoint)
 
     async def run() -> tuple[list, int]:
-        long = asyncio.create_task(decoder.complete(DecodeRequest(prompts=("t5",), max_tokens=3000)))
+        long = asyncio.create_task(decoder.complete(decode_request("t5", max_tokens=3000)))
         while decoder.load().running_rows == 0:
             await asyncio.sleep(0.01)
-        short = await decoder.complete(DecodeRequest(prompts=("t7 t8",), max_tokens=6))
+        short = await decoder.complete(decode_request("t7 t8", max_tokens=6))
         still_running = decoder.load().running_rows
         long.cancel()
         with pytest.raises(asyncio.CancelledError):
@@ -178,20 +180,20 @@ def test_sampling_seed_n_and_logprobs_in_the_decoder(checkpoint):
 
     def texts(request: DecodeRequest) -> list[str]:
         events = asyncio.run(decoder.complete(request))
-        assert events[0] == Accepted(prompt_tokens=len(reference.ids("t5 t6")), choices=request.n)
+        assert events[0] == Accepted(prompt_tokens=len(reference.ids("t5 t6")), choices=request.params.n)
         finished = [event for event in events if isinstance(event, Finished)]
-        assert sorted(event.index for event in finished) == list(range(request.n))
+        assert sorted(event.index for event in finished) == list(range(request.params.n))
         by_choice = {event.index: event.text for event in events if isinstance(event, TextDelta)}
-        return [by_choice[index] for index in range(request.n)]
+        return [by_choice[index] for index in range(request.params.n)]
 
-    warm = DecodeRequest(prompts=("t5 t6",), max_tokens=12, temperature=1.0, seed=11, n=3)
+    warm = decode_request("t5 t6", max_tokens=12, temperature=1.0, seed=11, n=3)
     first = texts(warm)
     assert texts(warm) == first  # the same seed gives the same text
     assert len(set(first)) > 1  # the choices use different seeds
-    assert texts(DecodeRequest(prompts=("t5 t6",), max_tokens=12, temperature=1.0, seed=12, n=3)) != first
-    assert texts(DecodeRequest(prompts=("t5 t6",), max_tokens=12, n=2)) == [reference.text("t5 t6", 12)] * 2
+    assert texts(decode_request("t5 t6", max_tokens=12, temperature=1.0, seed=12, n=3)) != first
+    assert texts(decode_request("t5 t6", max_tokens=12, n=2)) == [reference.text("t5 t6", 12)] * 2
 
-    events = asyncio.run(decoder.complete(DecodeRequest(prompts=("t5 t6",), max_tokens=5, logprobs=2)))
+    events = asyncio.run(decoder.complete(decode_request("t5 t6", max_tokens=5, logprobs=2)))
     entries = events[1].logprobs
     ids = reference.generate(reference.ids("t5 t6"), 5)
     assert [entry.token for entry in entries] == [reference.tokenizer.decode([token]) for token in ids]
@@ -296,7 +298,7 @@ def test_a_chat_template_that_refuses_the_messages_is_a_rejection(tmp_path):
     from transformers import AutoTokenizer
 
     from cllm_serve.batching import Rejected
-    from cllm_serve.decoder import DecodeRequest
+    from cllm_serve.openai_api import DecodeParams
 
     save_tiny_checkpoint(str(tmp_path))
     tokenizer = AutoTokenizer.from_pretrained(str(tmp_path))
@@ -306,16 +308,19 @@ def test_a_chat_template_that_refuses_the_messages_is_a_rejection(tmp_path):
     )
     tokenizer.save_pretrained(str(tmp_path))
     decoder = new_decoder(str(tmp_path), n_token=4)
-    refused = asyncio.run(decoder.complete(DecodeRequest(messages=(("system", "t5"), ("user", "t6")), max_tokens=3)))
+    refused = asyncio.run(decoder.complete(decode_request(messages=(("system", "t5"), ("user", "t6")), max_tokens=3)))
     assert len(refused) == 1 and isinstance(refused[0], Rejected) and refused[0].param == "messages"
     assert "System role not supported" in refused[0].message
-    served = asyncio.run(decoder.complete(DecodeRequest(messages=(("user", "t6"),), max_tokens=3)))
+    served = asyncio.run(decoder.complete(decode_request(messages=(("user", "t6"),), max_tokens=3)))
     assert served[-1].completion_tokens == 3
-    # Chat without max_tokens: the rest of the context (vLLM's default), less the Jacobi lookahead.
-    assert decoder._max_tokens(10, None, 4) == CONTEXT - 10 - 3
+    # Chat without max_tokens: the rest of the context (vLLM's default), less the Jacobi lookahead,
+    # or the server's default_max_tokens within it; a client's limit past it is refused.
+    assert decoder._max_tokens(10, DecodeParams(), 4) == CONTEXT - 10 - 3
+    assert decoder._max_tokens(10, DecodeParams(default_max_tokens=50), 4) == 50
+    assert decoder._max_tokens(CONTEXT - 20, DecodeParams(default_max_tokens=50), 4) == 17
+    assert isinstance(decoder._max_tokens(CONTEXT - 20, DecodeParams(max_tokens=50), 4), Rejected)
     # The largest seeds still give n choices (seed + index wraps instead of overflowing).
-    wrapped = asyncio.run(decoder.complete(DecodeRequest(prompts=("t5",), max_tokens=3, seed=2**63 - 1, n=2,
-                                                        temperature=1.0)))
+    wrapped = asyncio.run(decoder.complete(decode_request("t5", max_tokens=3, seed=2**63 - 1, n=2, temperature=1.0)))
     assert sum(event.completion_tokens for event in wrapped if hasattr(event, "completion_tokens")) == 6
 
 

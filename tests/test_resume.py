@@ -17,6 +17,7 @@ from ray.serve.exceptions import DeploymentUnavailableError
 from cllm.detokenize import TextAssembler
 from cllm_serve.batching import Accepted, Failed, Finished, TextDelta, TokenStream
 from cllm_serve.decoder import Decoder, DecodeRequest, DecoderSettings, ResumedChoice
+from cllm_serve.openai_api import DecodeParams
 from cllm_serve.resume import ResumableCall, ResumePolicy, ResumptionFailed
 
 # -- the ingress's side, against scripted calls --------------------------------------------------
@@ -64,7 +65,7 @@ def drain(call: ResumableCall) -> list:
     return asyncio.run(run())
 
 
-REQUEST = DecodeRequest(prompts=("t5 t6",), max_tokens=10, n=2)
+REQUEST = DecodeRequest(prompts=("t5 t6",), params=DecodeParams(max_tokens=10, n=2))
 POLICY = ResumePolicy(attempts=3, timeout_s=5)
 
 
@@ -138,7 +139,7 @@ def test_resumption_off_and_deaths_after_the_last_choice():
     with pytest.raises(ActorDiedError):
         drain(ResumableCall(decoders.start, REQUEST, ResumePolicy(attempts=0)))
     # Every choice had ended: the reply is complete, nothing to resume.
-    one = DecodeRequest(prompts=("t5",), max_tokens=3)
+    one = DecodeRequest(prompts=("t5",), params=DecodeParams(max_tokens=3))
     decoders = Decoders(ScriptedCall([Accepted(1), Finished("stop", 1, 1)], error=ActorDiedError()))
     events = drain(ResumableCall(decoders.start, one, POLICY))
     assert len(decoders.requests) == 1 and isinstance(events[-1], Finished)
@@ -210,8 +211,8 @@ def test_a_resumed_choice_equals_the_uninterrupted_one(checkpoint):
     torch.set_num_threads(1)
     decoder = Decoder.func_or_class(DecoderSettings(model=checkpoint, n_token=4))
     reference = Reference(checkpoint)
-    request = DecodeRequest(prompts=("t5 t17 t42",), max_tokens=20, min_tokens=12, logprobs=1, prompt_logprobs=1,
-                            echo=True)
+    params = DecodeParams(max_tokens=20, min_tokens=12, logprobs=1, prompt_logprobs=1, echo=True)
+    request = DecodeRequest(prompts=("t5 t17 t42",), params=params)
     expected = reference.generate(reference.ids("t5 t17 t42"), 20)
     _, whole, finished = complete(decoder, request)  # the echo and the output, merged
     echo = "t5 t17 t42"
@@ -235,7 +236,7 @@ def test_a_resumed_choice_equals_the_uninterrupted_one(checkpoint):
 
 def test_a_resumed_sampled_choice_completes_and_progress_is_held_for_the_interval(checkpoint):
     decoder = Decoder.func_or_class(DecoderSettings(model=checkpoint, n_token=4))
-    request = DecodeRequest(prompts=("t9",), max_tokens=30, temperature=0.9, seed=3, n=2)
+    request = DecodeRequest(prompts=("t9",), params=DecodeParams(max_tokens=30, temperature=0.9, seed=3, n=2))
     resume = (ResumedChoice(1, (40, 41, 42), len("t40 t41 t42")),)
     resumed = complete(decoder, DecodeRequest(**{**request.__dict__, "resume": resume}))
     assert resumed[0].choices == 1 and {event.index for event in resumed[1:]} == {1}
@@ -245,7 +246,8 @@ def test_a_resumed_sampled_choice_completes_and_progress_is_held_for_the_interva
     events = []
 
     async def run() -> None:
-        async for event in decoder.generate(DecodeRequest(prompts=("t9",), max_tokens=30, event_interval_s=30)):
+        held = DecodeRequest(prompts=("t9",), params=DecodeParams(max_tokens=30), event_interval_s=30)
+        async for event in decoder.generate(held):
             events.append(event)
 
     asyncio.run(run())

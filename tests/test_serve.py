@@ -521,7 +521,7 @@ def test_metrics_tokenize_detokenize_version_and_max_model_len(server):
         ({"model": MODEL_NAME, "prompt": "t5", "stop": ["a", "b", "c", "d", "e"]}, "stop"),
         ({"model": MODEL_NAME, "prompt": "t5", "stop": "x" * 257}, "stop"),
         ({"model": MODEL_NAME, "prompt": "t5", "max_tokens": 3, "min_tokens": 4}, None),
-        ({"model": MODEL_NAME, "prompt": "t5", "min_tokens": 17}, "min_tokens"),  # over the default 16
+        ({"model": MODEL_NAME, "prompt": "t5", "min_tokens": 17}, None),  # over the default 16
         ({"model": MODEL_NAME, "prompt": "t5", "stop_token_ids": [999]}, "stop_token_ids"),
         ({"model": MODEL_NAME, "prompt": 5}, "prompt"),
         ({"model": MODEL_NAME, "prompt": []}, "prompt"),
