@@ -26,7 +26,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from cllm.storage import display_path, resolve
+from cllm.storage import STAGING_DIR, display_path, resolve
 
 SCHEMA_VERSION = "2"  # 2: prompt_length is stored
 SCHEMA_VERSION_KEY = b"cllm.trajectory_schema_version"
@@ -84,7 +84,6 @@ TRAJECTORY_SCHEMA = pa.schema(
     metadata={SCHEMA_VERSION_KEY: SCHEMA_VERSION.encode()},
 )
 SHARD_SUFFIX = ".parquet"
-STAGING_DIR = "_staging"  # under an output: writers stage shards here, readers never look
 
 
 class TrajectoryFormatError(ValueError):

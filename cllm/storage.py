@@ -9,7 +9,7 @@ from typing import Any
 
 import fsspec
 
-PROBE_DIR = "_staging"  # under an output; readers never look in `_`-prefixed directories
+STAGING_DIR = "_staging"  # under an output: writers stage files here; readers skip `_`-prefixed directories
 
 
 class StorageError(OSError):
@@ -37,7 +37,7 @@ def check_writable(path_or_uri: str, options: dict[str, Any] | None = None) -> N
     """Raise StorageError unless a file can be created under `path_or_uri`: a missing bucket and
     an unreachable store are told apart in the message."""
     filesystem, path = resolve(path_or_uri, options)
-    probe = f"{path.rstrip('/')}/{PROBE_DIR}/probe-{uuid.uuid4().hex}"
+    probe = f"{path.rstrip('/')}/{STAGING_DIR}/probe-{uuid.uuid4().hex}"
     try:
         if "s3" in filesystem.protocol:
             bucket = path.split("/", 1)[0]

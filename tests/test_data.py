@@ -114,7 +114,8 @@ def test_s3_round_trip(s3_server):
 
 
 def test_commit_moves_staged_shards_once(tmp_path):
-    from cllm.data import STAGING_DIR, commit_staged, new_staging_dir
+    from cllm.data import commit_staged, new_staging_dir
+    from cllm.storage import STAGING_DIR
 
     output = str(tmp_path / "out")
     staging = new_staging_dir(output)
