@@ -197,7 +197,19 @@ def collate_states(
 
 # -- every state in one sequence ---------------------------------------------------------------
 
-_PREFIX, _PAD = -1, -2  # segment ids; states are segments 0..k-1
+# Segment ids of a packed sequence: the shared prefix (every segment sees it) and padding; the
+# packed parts (states, blocks) are segments 0, 1, ...
+PREFIX_SEGMENT, PAD_SEGMENT = -1, -2
+
+
+def segment_mask(segments: torch.Tensor) -> torch.Tensor:
+    """(..., L, L) bool from segment ids (..., L): a query sees the keys up to itself that lie in
+    the prefix or in its own segment. Pad queries match their own segment (pads), so no query
+    row is fully masked."""
+    width = segments.shape[-1]
+    causal = torch.ones((width, width), dtype=torch.bool, device=segments.device).tril()
+    query, key = segments[..., :, None], segments[..., None, :]
+    return causal & ((key == PREFIX_SEGMENT) | (query == key))
 
 
 def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: bool = False) -> PackedBatch:
@@ -209,7 +221,7 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
 
     input_ids = torch.full((batch, width), pad_token_id, dtype=torch.long)
     position_ids = torch.zeros((batch, width), dtype=torch.long)
-    segments = torch.full((batch, width), _PAD, dtype=torch.long)
+    segments = torch.full((batch, width), PAD_SEGMENT, dtype=torch.long)
     states = torch.empty((batch, max_states, n_token), dtype=torch.long)
     prediction_index = torch.zeros((batch, max_states, n_token), dtype=torch.long)
     ar_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
@@ -224,7 +236,7 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
         states[b, count:] = row_states[-1]
         input_ids[b, :prefix_length] = prefix
         position_ids[b, :prefix_length] = torch.arange(prefix_length)
-        segments[b, :prefix_length] = _PREFIX
+        segments[b, :prefix_length] = PREFIX_SEGMENT
         for j in range(count):
             start = prefix_length + j * span
             input_ids[b, start : start + span] = row_states[j, :span]
@@ -239,15 +251,11 @@ def collate_packed(rows: Sequence[TrajectoryRow], pad_token_id: int, labels: boo
         fixed_point_index = prediction_index[b, count - 1, :span]
         ar_labels[b, fixed_point_index] = row_states[-1, :span]
 
-    query_segments, key_segments = segments[:, :, None], segments[:, None, :]
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
-    # Pad queries match their own segment (pads), so no query row is fully masked.
-    allowed = causal & ((key_segments == _PREFIX) | (query_segments == key_segments))
     return PackedBatch(
         input_ids=input_ids,
-        attention_mask=(segments != _PAD).long(),
+        attention_mask=(segments != PAD_SEGMENT).long(),
         position_ids=position_ids,
-        attention_allowed=allowed.unsqueeze(1),
+        attention_allowed=segment_mask(segments).unsqueeze(1),
         states=states,
         state_counts=torch.tensor([len(row.states) for row in rows]),
         fixed_length=torch.tensor([row.fixed_length for row in rows]),

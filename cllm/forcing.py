@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.collate import Movable, SequenceBatch, label_batch
+from cllm.collate import PAD_SEGMENT, PREFIX_SEGMENT, Movable, SequenceBatch, label_batch, segment_mask
 from cllm.data import TrajectoryRow
 from cllm.metrics import IGNORE
 
@@ -126,12 +126,10 @@ class ForcingBatch(Movable):
         return self.input_ids.shape[0]
 
 
-_PROMPT, _PAD = -1, -2  # segment ids; noisy block j is segment 2j, clean block j is 2j + 1
-
-
 def _visible_segments(blocks: int, schedule: NoiseSchedule, phase: int) -> torch.Tensor:
-    """(S, S) bool over the segments 0..2·blocks-1: which other segment a query segment sees
-    whole (its own segment it sees causally; the prompt every segment sees)."""
+    """(S, S) bool over the segments 0..2·blocks-1 (noisy block j is segment 2j, clean block j
+    2j + 1): which other segment a query segment sees whole (its own it sees causally; the
+    prompt, `PREFIX_SEGMENT`, every segment sees)."""
     visible = torch.zeros((2 * blocks, 2 * blocks), dtype=torch.bool)
     for j in range(blocks):
         visible[2 * j + 1, 1 : 2 * j : 2] = True  # clean_j: clean blocks before it
@@ -183,16 +181,15 @@ def collate_forcing(
     noisy_states = torch.zeros(batch, dtype=torch.long)
     ar_labels = torch.full((batch, width), IGNORE, dtype=torch.long)
     offsets = torch.arange(n_token)
-    causal = torch.ones((width, width), dtype=torch.bool).tril()
 
     for b, (blocks, phase) in enumerate(zip(responses, phases)):
         prompt = blocks[0].prompt_ids
         prompt_length, count = len(prompt), len(blocks)
         generated = [token for row in blocks for token in row.states[-1][: row.fixed_length]]
-        segments = torch.full((width,), _PAD, dtype=torch.long)
+        segments = torch.full((width,), PAD_SEGMENT, dtype=torch.long)
         input_ids[b, :prompt_length] = torch.tensor(prompt)
         position_ids[b, :prompt_length] = torch.arange(prompt_length)
-        segments[:prompt_length] = _PROMPT
+        segments[:prompt_length] = PREFIX_SEGMENT
         ar_labels[b, prompt_length - 1] = generated[0]
         for j, row in enumerate(blocks):
             noisy = row.states[noisy_state_index(row, schedule.target(j, phase))]
@@ -213,11 +210,9 @@ def collate_forcing(
             trained[b, pair] = in_response & (offsets >= first_wrong)
             noisy_states[b] += bool(trained[b, pair].any())
             ar_labels[b, clean_start + offsets[in_response]] = next_tokens[in_response]
-        query, key = segments[:, None], segments[None, :]
-        index = segments.clamp(min=0)
-        whole = _visible_segments(count, schedule, phase)[index[:, None], index[None, :]] & (query >= 0) & (key >= 0)
-        # Pad queries match their own segment (pads), so no query row is fully masked.
-        allowed[b] = (causal & ((key == _PROMPT) | (query == key))) | whole
+        index, packed = segments.clamp(min=0), segments >= 0
+        whole = _visible_segments(count, schedule, phase)[index[:, None], index[None, :]]
+        allowed[b] = segment_mask(segments) | (whole & packed[:, None] & packed[None, :])
 
     return ForcingBatch(
         input_ids=input_ids,
