@@ -29,7 +29,7 @@ the same states (packed or not) adds up to the same value.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +44,7 @@ ArTarget = Literal["fixed-point", "labels"]
 LOSS_KINDS: tuple[str, ...] = ("global", "local")
 DISTANCES: tuple[str, ...] = ("fkl", "rkl", "ce")
 AR_TARGETS: tuple[str, ...] = ("fixed-point", "labels")
+T = TypeVar("T", torch.Tensor, float)
 
 
 @dataclass(frozen=True)
@@ -61,6 +62,10 @@ class LossConfig:
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+    def combine(self, consistency: T, ar: T) -> T:
+        """The training loss from the two token means (tensors, or floats for reports)."""
+        return consistency + self.ar_weight * ar
 
 
 @dataclass
@@ -188,7 +193,7 @@ def state_losses(model: torch.nn.Module, batch: StateBatch, config: LossConfig) 
         ar = _label_loss(model, batch.label_sequences)
     else:
         ar = next_token_loss(fixed_point_logits, batch.fixed_point_sequences.labels)
-    return _combine(consistency, ar, config, states=int(batch.has_target.sum()))
+    return _loss_output(consistency, ar, config, states=int(batch.has_target.sum()))
 
 
 def _packed_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_allowed: torch.Tensor,
@@ -228,7 +233,7 @@ def packed_losses(model: torch.nn.Module, batch: PackedBatch, config: LossConfig
         ar = _label_loss(model, batch.label_sequences)
     else:  # prefix + fixed point, read off the same forward
         ar = next_token_loss(logits, batch.ar_labels)
-    return _combine(consistency, ar, config, states=int(students.sum()))
+    return _loss_output(consistency, ar, config, states=int(students.sum()))
 
 
 def forcing_losses(model: torch.nn.Module, batch: ForcingBatch, config: LossConfig) -> LossOutput:
@@ -244,7 +249,7 @@ def forcing_losses(model: torch.nn.Module, batch: ForcingBatch, config: LossConf
         ar = _label_loss(model, batch.label_sequences)
     else:  # the clean blocks, read off the same forward
         ar = next_token_loss(logits, batch.ar_labels)
-    return _combine(consistency, ar, config, states=int(batch.noisy_states.sum()))
+    return _loss_output(consistency, ar, config, states=int(batch.noisy_states.sum()))
 
 
 def _label_loss(model: torch.nn.Module, label_sequences: SequenceBatch | None) -> LossTerms:
@@ -253,9 +258,8 @@ def _label_loss(model: torch.nn.Module, label_sequences: SequenceBatch | None) -
     return next_token_loss(_logits(model, label_sequences), label_sequences.labels)
 
 
-def _combine(consistency: LossTerms, ar: LossTerms, config: LossConfig, states: int) -> LossOutput:
-    loss = consistency.mean() + config.ar_weight * ar.mean()
-    return LossOutput(loss=loss, consistency=consistency, ar=ar, states=states)
+def _loss_output(consistency: LossTerms, ar: LossTerms, config: LossConfig, states: int) -> LossOutput:
+    return LossOutput(loss=config.combine(consistency.mean(), ar.mean()), consistency=consistency, ar=ar, states=states)
 
 
 def compute_losses(model: torch.nn.Module, batch: StateBatch | PackedBatch | ForcingBatch,

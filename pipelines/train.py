@@ -350,7 +350,7 @@ def train_loop(config: dict[str, Any]) -> None:
             worker_print(f"resuming from the checkpoint at step {state.step}")
 
     shard = ray.train.get_dataset_shard("train")
-    meter = StepMeter(device, settings.loss.ar_weight)
+    meter = StepMeter(device, settings.loss)
     reporter = step_reporter(settings, state.step) if rank == 0 else None
     checkpointed_step, metrics = state.step, {}
     done = settings.max_steps is not None and state.step >= settings.max_steps
@@ -416,8 +416,8 @@ def report_step(reporter: Progress | None, metrics: dict[str, float], total_step
 class StepMeter:
     """Losses and throughput summed over all workers, per optimizer step."""
 
-    def __init__(self, device: torch.device, ar_weight: float):
-        self.device, self.ar_weight = device, ar_weight
+    def __init__(self, device: torch.device, loss: LossConfig):
+        self.device, self.loss = device, loss
         self.started = time.perf_counter()
         self._reset()
 
@@ -444,7 +444,7 @@ class StepMeter:
         return {
             "step": state.step,
             "epoch": state.epoch,
-            "loss": consistency_loss + self.ar_weight * ar_loss,
+            "loss": self.loss.combine(consistency_loss, ar_loss),
             "consistency_loss": consistency_loss,
             "ar_loss": ar_loss,
             "samples_per_s": rows / elapsed,
