@@ -30,7 +30,6 @@ import json
 import logging
 import math
 import os
-import socket
 import sys
 import tempfile
 import time
@@ -44,6 +43,9 @@ from cllm.jacobi import ar_generate, pad_prompts
 from cllm.toy import ToyPrompt
 from cllm.toy.math import final_number
 from cllm.toy.tasks import check_answer, toy_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import free_port  # noqa: E402  (tests/helpers.py)
 
 STOP = "Question:"  # the next problem would start here; the toy teacher usually ends with EOS first
 ANSWER_REGEX = r"The answer is (-?\d+)\."  # cllm.toy.math's rule: the first such sentence counts
@@ -150,12 +152,6 @@ def answer_logprobs(model, tokenizer, problems: list[ToyPrompt]) -> list[tuple[f
 
 
 # -- serving --------------------------------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def start_server(model_dir: str, served_name: str, args) -> str:

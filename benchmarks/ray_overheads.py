@@ -21,10 +21,11 @@ import argparse
 import json
 import logging
 import os
-import socket
 import statistics
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 # Ray Train 2.x drains each worker's pending report every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S (2 s by
 # default); pipelines/train.py sets 0.1 s. It must be in the environment before ray.init.
@@ -40,6 +41,9 @@ import ray.train  # noqa: E402
 from ray import serve  # noqa: E402
 from ray.train import RunConfig, ScalingConfig  # noqa: E402
 from ray.train.torch import TorchTrainer  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import free_port  # noqa: E402  (tests/helpers.py)
 
 
 class Noop:
@@ -134,12 +138,6 @@ def timed(call, requests: int, warmup: int = 20) -> list[float]:
         call()
         out.append(time.perf_counter() - started)
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def main() -> int:

@@ -30,7 +30,7 @@ import argparse
 import asyncio
 import json
 import random
-import socket
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -40,6 +40,9 @@ import openai
 
 from cllm.toy import parse_toy_name
 from cllm.toy.tasks import toy_prompts
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from helpers import free_port, save_tiny_checkpoint  # noqa: E402  (tests/helpers.py)
 
 
 @dataclass(frozen=True)
@@ -270,30 +273,6 @@ def random_prompts(count: int, vocab_size: int, length: int, seed: int) -> list[
     return [[rng.randrange(3, vocab_size) for _ in range(length)] for _ in range(count)]
 
 
-def save_tiny_checkpoint(path: str, vocab_size: int = 128) -> None:
-    """A tiny random Llama with a word-level tokenizer and no EOS (requests run to max_tokens)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    from cllm import tiny_model
-
-    vocab = {"<unk>": 0, "<pad>": 1, **{f"t{i}": i for i in range(2, vocab_size)}}
-    backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = WhitespaceSplit()
-    PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>").save_pretrained(
-        path
-    )
-    tiny_model("llama", vocab_size=vocab_size, seed=0, max_position_embeddings=2048).save_pretrained(path)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def load_requests(args, model: str) -> list[LoadRequest]:
     prompts: list[str | list[int]]
     if args.prompts_file:
@@ -330,7 +309,7 @@ def measure_local(args) -> list[LoadResult]:
         for name, model in args.models:
             if model == "tiny":
                 model = str(Path(workdir.name) / "tiny")
-                save_tiny_checkpoint(model)
+                save_tiny_checkpoint(model, with_eos=False)  # requests run to max_tokens
             requests = load_requests(args, model)
             targets = []
             for number, label in enumerate(args.deployments):
@@ -388,7 +367,7 @@ def measure_in_process(args) -> list[LoadResult]:
         for name, model in args.models:
             if model == "tiny":
                 model = str(Path(workdir.name) / "tiny")
-                save_tiny_checkpoint(model)
+                save_tiny_checkpoint(model, with_eos=False)  # requests run to max_tokens
             requests = load_requests(args, model)
             decoders = []
             for label in args.deployments:
