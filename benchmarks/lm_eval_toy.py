@@ -52,7 +52,10 @@ ANSWER_REGEX = r"The answer is (-?\d+)\."  # cllm.toy.math's rule: the first suc
 
 
 @dataclass
-class Row:
+class PathScore:
+    """One lm-eval request path (generate_until or loglikelihood, completions or chat), scored by
+    lm-eval and by our own evaluation."""
+
     path: str
     problems: int
     lm_eval: float  # lm-eval's score
@@ -185,13 +188,13 @@ def stop_server() -> None:
 
 
 def generate_row(path: str, samples: list[dict], results: dict, problems: list[ToyPrompt],
-                 our_texts: list[str], seconds: float) -> Row:
+                 our_texts: list[str], seconds: float) -> PathScore:
     ours = [check_answer("math", text, problem.answer) for text, problem in zip(our_texts, problems)]
     same = sum(sample["resps"][0][0] == text.split(STOP)[0] for sample, text in zip(samples, our_texts))
     agree = sum(
         (sample["filtered_resps"][0] == sample["target"]) == check for sample, check in zip(samples, ours)
     )
-    return Row(path, len(samples), results["exact_match,final"], sum(ours) / len(ours),
+    return PathScore(path, len(samples), results["exact_match,final"], sum(ours) / len(ours),
                f"same text {same}/{len(samples)}, same verdict {agree}/{len(samples)}", seconds)
 
 
@@ -260,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
     served = [(float(sample["resps"][0][0][0]), bool(sample["resps"][0][0][1])) for sample in ll_samples]
     max_diff = max(abs(ll - ref) for (ll, _), (ref, _) in zip(served, reference))
     same_greedy = sum(s[1] == r[1] for s, r in zip(served, reference))
-    rows.append(Row("loglikelihood, local-completions", len(ll_samples), loglikelihood[0]["acc,none"],
+    rows.append(PathScore("loglikelihood, local-completions", len(ll_samples), loglikelihood[0]["acc,none"],
                     sum(greedy for _, greedy in reference) / len(reference),
                     f"max |logprob diff| {max_diff:.2e}, same is_greedy {same_greedy}/{len(reference)}",
                     loglikelihood[2]))

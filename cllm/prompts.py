@@ -11,7 +11,7 @@ humaneval (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`) and
 
 A prompt is wrapped in the tokenizer's chat template when it has one, else in the format's plain
 template (the generic format's prompt is used as is). Code benchmarks are completions and never
-take a chat template: the model continues the prompt's code. Bad rows are collected as `BadRow`s with
+take a chat template: the model continues the prompt's code. Bad rows are collected as `BadPromptRow`s with
 their file and row number instead of raising, unless `strict=True`.
 """
 
@@ -52,7 +52,7 @@ class PromptRecord:
 
 
 @dataclass(frozen=True)
-class BadRow:
+class BadPromptRow:
     source: str
     row: int
     reason: str
@@ -61,7 +61,7 @@ class BadRow:
         return f"{self.source}:{self.row}: {self.reason}"
 
 
-class BadRowError(ValueError):
+class BadPromptRowError(ValueError):
     """A bad input row under `strict=True`, or the reason a row is bad."""
 
 
@@ -83,17 +83,17 @@ def _text(row: dict, *names: str) -> str:
         if name in row and row[name] is not None:
             value = row[name]
             if not isinstance(value, str):
-                raise BadRowError(f"field {name!r} is not text (got {type(value).__name__})")
+                raise BadPromptRowError(f"field {name!r} is not text (got {type(value).__name__})")
             if not value.strip():
-                raise BadRowError(f"field {name!r} is empty")
+                raise BadPromptRowError(f"field {name!r} is empty")
             return value
-    raise BadRowError(f"missing field {' or '.join(repr(name) for name in names)}")
+    raise BadPromptRowError(f"missing field {' or '.join(repr(name) for name in names)}")
 
 
 def _optional_text(row: dict, *names: str) -> str | None:
     try:
         return _text(row, *names)
-    except BadRowError:
+    except BadPromptRowError:
         return None
 
 
@@ -118,12 +118,12 @@ def _code_search_net(row: dict) -> _Example:
 def _sharegpt(row: dict) -> _Example:
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
-        raise BadRowError("missing field 'conversations' (a non-empty list of turns)")
+        raise BadPromptRowError("missing field 'conversations' (a non-empty list of turns)")
     speakers = [str(turn.get("from", turn.get("role", ""))).lower() if isinstance(turn, dict) else ""
                 for turn in turns]
     human = next((i for i, who in enumerate(speakers) if who in ("human", "user")), None)
     if human is None:
-        raise BadRowError("'conversations' has no human turn")
+        raise BadPromptRowError("'conversations' has no human turn")
     request = _text(turns[human], "value", "content")
     reply = next((turns[i] for i in range(human + 1, len(turns))
                   if speakers[i] in ("gpt", "assistant", "chatgpt", "bard", "model")), None)
@@ -132,7 +132,7 @@ def _sharegpt(row: dict) -> _Example:
 
 def _task_id(row: dict) -> str:
     if row.get("task_id") is None:
-        raise BadRowError("missing field 'task_id'")
+        raise BadPromptRowError("missing field 'task_id'")
     return str(row["task_id"])
 
 
@@ -147,9 +147,9 @@ def _mbpp_entry_point(code: str, tests: list[str]) -> str:
     try:
         names = [node.name for node in ast.parse(code).body if isinstance(node, ast.FunctionDef)]
     except SyntaxError as error:
-        raise BadRowError(f"field 'code' is not valid Python ({error.msg})") from None
+        raise BadPromptRowError(f"field 'code' is not valid Python ({error.msg})") from None
     if not names:
-        raise BadRowError("field 'code' defines no function")
+        raise BadPromptRowError("field 'code' defines no function")
     called = [name for name in names if any(f"{name}(" in test for test in tests)]
     return (called or names)[-1]
 
@@ -160,7 +160,7 @@ def _mbpp(row: dict) -> _Example:
     text, code = _text(row, "text", "prompt"), _text(row, "code")
     tests = row.get("test_list")
     if not isinstance(tests, list) or not tests or not all(isinstance(t, str) for t in tests):
-        raise BadRowError("field 'test_list' is not a non-empty list of assert statements")
+        raise BadPromptRowError("field 'test_list' is not a non-empty list of assert statements")
     entry_point = _mbpp_entry_point(code, tests)
     prompt = f'"""\n{text.strip()}\n{tests[0].strip()}\n"""\n'
     setup = _optional_text(row, "test_setup_code") or ""
@@ -245,7 +245,7 @@ def _expand(spec: str, options: dict[str, Any]) -> tuple[fsspec.AbstractFileSyst
 
 
 def _rows(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[int, Any]]:
-    """(1-based row number, parsed row or BadRowError) for each row of a file."""
+    """(1-based row number, parsed row or BadPromptRowError) for each row of a file."""
     plain = path.removesuffix(".gz")
     if plain.endswith(".parquet"):
         with filesystem.open(path, "rb") as handle:
@@ -258,7 +258,7 @@ def _rows(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[in
         try:
             rows = json.loads(text)
         except json.JSONDecodeError as error:
-            yield 1, BadRowError(f"not valid JSON ({error.msg} at line {error.lineno})")
+            yield 1, BadPromptRowError(f"not valid JSON ({error.msg} at line {error.lineno})")
             return
         yield from enumerate(rows, start=1)
         return
@@ -268,7 +268,7 @@ def _rows(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[in
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as error:
-            yield number, BadRowError(f"not JSON ({error.msg})")
+            yield number, BadPromptRowError(f"not JSON ({error.msg})")
 
 
 # -- templates and tokens ------------------------------------------------------------------------
@@ -304,13 +304,13 @@ def load_prompts(
     strict: bool = False,
     storage_options: dict[str, Any] | None = None,
     use_chat_template: bool = True,
-) -> tuple[list[PromptRecord], list[BadRow]]:
+) -> tuple[list[PromptRecord], list[BadPromptRow]]:
     """Tokenized prompts from `spec`, and the rows that were skipped with their reasons.
 
     `spec` is a file, directory or glob (local or a URI such as `s3://bucket/prompts/*.jsonl`),
     or a toy source: `toy`, `toy:heldout`, `toy-math:train`, `toy-sql:heldout`, `toy-code:heldout`,
     ... (split defaults to train). Raises FileNotFoundError for a missing source, ValueError for an unknown
-    format or a file whose format cannot be detected, BadRowError for a bad row when `strict`."""
+    format or a file whose format cannot be detected, BadPromptRowError for a bad row when `strict`."""
     if format not in FORMATS:
         raise ValueError(f"unknown prompt format {format!r}; choose from {', '.join(FORMATS)}")
     toy = parse_toy_name(spec)
@@ -319,20 +319,20 @@ def load_prompts(
     else:
         examples = _file_examples(spec, format, storage_options or {}, use_chat_template, tokenizer)
     records: list[PromptRecord] = []
-    bad_rows: list[BadRow] = []
+    bad_rows: list[BadPromptRow] = []
     first_rows: dict[str, int] = {}  # prompt id -> row that used it first
     for item in examples:
-        if not isinstance(item, BadRow):
+        if not isinstance(item, BadPromptRow):
             if max_prompt_tokens is not None and len(item.prompt_ids) > max_prompt_tokens:
-                item = BadRow(item.source, item.row,
+                item = BadPromptRow(item.source, item.row,
                               f"prompt has {len(item.prompt_ids)} tokens, over the maximum {max_prompt_tokens}")
             elif item.prompt_id in first_rows:
                 # A trajectory is keyed by prompt id: a second copy could only collide with the first.
-                item = BadRow(item.source, item.row, f"duplicate of row {first_rows[item.prompt_id]} "
+                item = BadPromptRow(item.source, item.row, f"duplicate of row {first_rows[item.prompt_id]} "
                                                      f"(same prompt id {item.prompt_id})")
-        if isinstance(item, BadRow):
+        if isinstance(item, BadPromptRow):
             if strict:
-                raise BadRowError(str(item))
+                raise BadPromptRowError(str(item))
             bad_rows.append(item)
             continue
         first_rows[item.prompt_id] = item.row
@@ -352,15 +352,15 @@ def _toy_examples(domain: str, split: str, spec: str, limit: int | None, tokeniz
 
 def _file_examples(
     spec: str, format: str, options: dict[str, Any], use_chat_template: bool, tokenizer
-) -> Iterator[PromptRecord | BadRow]:
+) -> Iterator[PromptRecord | BadPromptRow]:
     filesystem, files, base = _expand(spec, options)
     for path in files:
         source = display_path(filesystem, path)
         name = posixpath.relpath(path, base) if base else posixpath.basename(path)
         fmt = None if format == "auto" else format
         for row, parsed in _rows(filesystem, path):
-            if isinstance(parsed, BadRowError):
-                yield BadRow(source, row, str(parsed))
+            if isinstance(parsed, BadPromptRowError):
+                yield BadPromptRow(source, row, str(parsed))
                 continue
             if fmt is None:
                 fmt = detect_format(parsed)
@@ -371,12 +371,12 @@ def _file_examples(
                         f"pass one of {', '.join(FORMATS[1:])}"
                     )
             if not isinstance(parsed, dict):
-                yield BadRow(source, row, f"not a JSON object (got {type(parsed).__name__})")
+                yield BadPromptRow(source, row, f"not a JSON object (got {type(parsed).__name__})")
                 continue
             try:
                 example = _EXTRACTORS[fmt](parsed)
-            except BadRowError as error:
-                yield BadRow(source, row, str(error))
+            except BadPromptRowError as error:
+                yield BadPromptRow(source, row, str(error))
                 continue
             text, ids = _tokenize_prompt(tokenizer, fmt, example.request, use_chat_template)
             yield PromptRecord(_file_prompt_id(name, row), ids, _label_ids(tokenizer, example.answer),

@@ -41,7 +41,7 @@ from cllm.data import (
 )
 from cllm.hf import load_model, load_tokenizer, model_facts
 from cllm.progress import Progress
-from cllm.prompts import FORMATS, BadRow, PromptRecord, load_prompts
+from cllm.prompts import FORMATS, BadPromptRow, PromptRecord, load_prompts
 from cllm.storage import StorageError, check_writable, resolve, storage_options
 from cllm.trajectory import CollectConfig, collect_trajectories
 from cllm_pipelines.common import Request, ResourceError, fault_marker, init_ray, require_resources
@@ -168,7 +168,7 @@ def collect(todo: list[PromptRecord], args: argparse.Namespace, config: CollectC
 @dataclass
 class Summary:
     prompts_read: int
-    bad_rows: list[BadRow]
+    bad_rows: list[BadPromptRow]
     already_written: int
     submitted: int
     rejected: dict[str, str]

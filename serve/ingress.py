@@ -299,7 +299,7 @@ class ChunkFormat:
         return self.header.chunk([], usage)
 
 
-class Progress:
+class RequestPhase:
     """A request's phase for the waiting/running gauges and its latency figures (TTFT, time per
     output token), recorded once whatever way the request ends."""
 
@@ -578,8 +578,8 @@ class OpenAIIngress:
     ) -> Response:
         outcome = RequestOutcome(stream=bool(parsed.stream))
         request.state.outcome = outcome
-        progress = Progress()
-        progress.submitted()
+        phase = RequestPhase()
+        phase.submitted()
         if not parsed.stream:
             decode_request = replace(decode_request, event_interval_s=self._settings.progress_interval_s)
         events = outcome.call = self._call(decode_request)
@@ -587,7 +587,7 @@ class OpenAIIngress:
             accepted = _accepted_or_raise(await _over_capacity_as_503(events.__anext__()))
         except BaseException:  # refused, or the client left while the request was queued
             events.cancel()
-            progress.close()
+            phase.close()
             raise
         if parsed.stream:
 
@@ -595,9 +595,9 @@ class OpenAIIngress:
                 if not outcome.streamed_to_end:  # the client left: stop the decoder's rows now
                     outcome.client_left = True
                     events.cancel()
-                progress.close()
+                phase.close()
 
-            stream = self._sse(events, accepted, chunks, outcome, progress)
+            stream = self._sse(events, accepted, chunks, outcome, phase)
             return CancellingStreamingResponse(
                 stream, on_exit, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
             )
@@ -609,13 +609,13 @@ class OpenAIIngress:
             events.cancel()
             raise
         finally:
-            progress.close()
+            phase.close()
         choices, finished = _choices_or_raise(rest, accepted.choices)
         if not chunks.with_logprobs:
             choices = [replace(choice, logprobs=None) for choice in choices]
         outcome.usage = make_usage(accepted.prompt_tokens, finished)
         outcome.finish_reason = ",".join(choice.finish_reason for choice in choices)
-        progress.finished(accepted.prompt_tokens, finished)
+        phase.finished(accepted.prompt_tokens, finished)
         render = chat_body if chunks.kind == "chat" else completion_body
         header = chunks.header
         return JSONResponse(render(header.response_id, header.model, choices, outcome.usage, header.created))
@@ -626,7 +626,7 @@ class OpenAIIngress:
         accepted: Accepted,
         chunks: ChunkFormat,
         outcome: RequestOutcome,
-        progress: Progress,
+        phase: RequestPhase,
     ) -> AsyncIterator[str]:
         finished: list[Finished] = []
         for chunk in chunks.opening(accepted.choices):
@@ -636,7 +636,7 @@ class OpenAIIngress:
                 if isinstance(event, TextDelta):
                     if not event.text and not (chunks.with_logprobs and event.logprobs):
                         continue  # ids whose text is held back (a partial character, a maybe-stop)
-                    progress.text()
+                    phase.text()
                     yield sse(chunks.delta(event))
                 elif isinstance(event, Finished):
                     finished.append(event)
@@ -644,7 +644,7 @@ class OpenAIIngress:
                     if len(finished) == accepted.choices:
                         outcome.usage = make_usage(accepted.prompt_tokens, finished)
                         outcome.finish_reason = ",".join(done.finish_reason for done in finished)
-                        progress.finished(accepted.prompt_tokens, finished)
+                        phase.finished(accepted.prompt_tokens, finished)
                         if chunks.header.include_usage:
                             yield sse(chunks.usage(outcome.usage))
                 elif isinstance(event, Failed):

@@ -14,7 +14,7 @@ from helpers import char_tokenizer
 
 from cllm import prompts as prompts_module
 from cllm.execution import check_completion
-from cllm.prompts import BadRowError, detect_format, load_prompts
+from cllm.prompts import BadPromptRowError, detect_format, load_prompts
 from cllm.toy import ToyPrompt
 from cllm.toy.tasks import toy_prompts
 
@@ -126,7 +126,7 @@ def test_auto_detection_and_unknown_fields(tmp_path, tokenizer):
 
 def test_strict_makes_bad_rows_fatal(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "p.jsonl", [{"prompt": "ok"}, "oops"])
-    with pytest.raises(BadRowError, match=r"p.jsonl:2: not JSON"):
+    with pytest.raises(BadPromptRowError, match=r"p.jsonl:2: not JSON"):
         load_prompts(str(path), tokenizer, strict=True)
 
 
@@ -187,7 +187,7 @@ def test_duplicate_prompts_are_skipped_as_bad_rows(tokenizer, monkeypatch):
     records, bad = load_prompts("toy-code:heldout", tokenizer)
     assert [r.prompt_id for r in records] == ["toy-code-1", "toy-code-2"]
     assert [(b.row, b.reason) for b in bad] == [(3, "duplicate of row 1 (same prompt id toy-code-1)")]
-    with pytest.raises(BadRowError, match="duplicate of row"):
+    with pytest.raises(BadPromptRowError, match="duplicate of row"):
         load_prompts("toy-code:heldout", tokenizer, strict=True)
 
 
