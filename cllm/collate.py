@@ -302,8 +302,7 @@ def length_groups(
 ) -> list[list[Item]]:
     """Cut `items` into full batches of `batch_size` items of similar `length`, in a random order
     (a remainder of fewer items is dropped). A batch is padded to its longest item, so grouping
-    by length saves the padding: on toy SQL, 16 batches of 4 at a time cut the forward + backward
-    per row by a third, and training ran 1.2x the steps per second of random batches."""
+    by length saves the padding (docs/results.md#training-recipe)."""
     ordered = sorted(items, key=length)
     full = len(ordered) - len(ordered) % batch_size
     batches = [list(ordered[start : start + batch_size]) for start in range(0, full, batch_size)]

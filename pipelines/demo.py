@@ -45,8 +45,8 @@ PIPELINES = REPO / "pipelines"
 
 @dataclass(frozen=True)
 class Budget:
-    """How much work each stage does. `quick` fits a first run, teacher build included, in 30-40
-    minutes on 2 idle CPU cores (SQL in 17 to 34, by machine)."""
+    """How much work each stage does: `quick` is sized for a first run on 2 CPU cores, `long` for
+    stronger figures (docs/results.md#first-run-time)."""
 
     train_prompts: int  # toy training prompts to collect trajectories on
     n_token: int  # Jacobi block size, for collection and the CLLM
@@ -69,10 +69,8 @@ BUDGETS = {
         train_prompts=8, n_token=4, collect_max_new_tokens=8, train_epochs=1, train_max_steps=2, train_lr=5e-4,
         eval_prompts=3, eval_n_tokens=(4,), eval_max_new_tokens=8,
     ),
-    # One pass over 3,000 prompts with a cosine decay: three passes over 1,000 (the same steps)
-    # reached the same TPF but kept 2.8 points less accuracy on 500 held-out prompts, its errors
-    # the arithmetic of problems it had not seen; a constant rate kept less. 500 scored prompts
-    # show a quality loss that 100 hide; timed once each (not best of 3), they cost what 100 did.
+    # More prompts seen once keep more accuracy than passes over fewer, and 500 scored prompts show
+    # a quality loss that 100 hide (docs/results.md#training-recipe).
     "quick": Budget(
         train_prompts=3000, n_token=16, collect_max_new_tokens=96, train_epochs=1, train_max_steps=None,
         train_lr=3e-4,
@@ -84,22 +82,13 @@ BUDGETS = {
         eval_prompts=1000, eval_n_tokens=(8, 16), eval_max_new_tokens=96, eval_repeats=1,
     ),
 }
-# Toy SQL answers are one or two blocks (16 tokens) where math's are three or four, so as many
-# training blocks take more prompts. Its quick budget makes one pass over 18,000 prompts packing 4
-# of each block's 11 states: on the same rows 4 states reached the TPF of all 11 at half the time,
-# so the time goes into more rows, which is what raises TPF. Its peak rate of 1e-3 beat 3e-4 and
-# 3e-3 on TPF at 9,000 prompts, and 3e-4 and 5e-4 at 18,000 (3.00, 3.15 against 3.25) with no
-# more accuracy (84.8%, 83.2% against 85.4%).
-# Its AR term trains on the gold queries (`--ar-target labels`): a teacher's errors are in its
-# fixed points, which would teach them. With the v1 teacher (89.8%), on the same trajectories, the
-# fixed point's AR term kept 88.4% of the held-out questions (2.2-7.6 points lost in five earlier
-# runs), the gold queries 97.4-99.4% in three runs, at TPF 3.66-3.80 against 3.41 and a quarter
-# fewer steps per second; with v2 (97.0%), 100%. Figures: README.
-# Its short answers let collection batch 32 prompts (1.24x the prompts/s of 16).
+# Toy SQL's answers are one or two blocks, so as many training blocks take more prompts; 4 packed
+# states of 11 put the time into more rows, which raises TPF; the AR term trains on the gold queries,
+# as the teacher's fixed points would teach its errors (docs/results.md#toy-sql). Short answers let
+# collection batch 32 prompts.
 _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collect_batch_size": 32}
-# Toy code's bodies are 27-60 tokens, two to four blocks, so 8,000 prompts give as many training
-# blocks as SQL's 18,000; otherwise SQL's recipe: 4 packed states, a peak rate of 1e-3, and the AR
-# term on the canonical solutions (a teacher's failing bodies would be taught otherwise).
+# Toy code's bodies are two to four blocks, so 8,000 prompts give as many training blocks as SQL's
+# 18,000; otherwise SQL's recipe, the AR term on the canonical solutions (docs/results.md#toy-code).
 _CODE_QUICK = replace(BUDGETS["quick"], train_prompts=8_000, train_lr=1e-3, train_packed_states=4,
                       train_ar_target="labels", **_SQL_LENGTHS)
 DOMAIN_BUDGETS = {

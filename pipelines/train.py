@@ -59,8 +59,8 @@ REPORT_POLL_INTERVAL_S = "0.1"
 RUN_NAME = "train"  # Ray Train run directory under --output; a rerun with the same output resumes it
 LR_SCHEDULES = ("cosine", "constant")
 OBJECTIVES = ("consistency", "jacobi-forcing")
-# Micro-batches a worker draws at a time and groups by length: 16 cut toy SQL's padding enough for
-# 1.2x the steps/s of random batches, and a larger group would follow the data order less randomly.
+# Micro-batches a worker draws at a time and groups by length: enough to cut most padding, few enough
+# to keep the order random (docs/results.md#training-recipe).
 LENGTH_GROUP = 16
 
 
@@ -481,7 +481,7 @@ def maybe_inject_fault(marker: str | None, rank: int, resumed: bool) -> None:
     with open(marker, "w") as handle:
         handle.write("injected\n")
     # The controller registers a reported checkpoint when it next polls the workers; failing at
-    # once can beat that poll, and the run then restarts from scratch (seen once in make test).
+    # once can beat that poll, and the run then restarts from scratch.
     time.sleep(20 * float(REPORT_POLL_INTERVAL_S))
     raise RuntimeError(f"injected worker failure ({marker})")
 

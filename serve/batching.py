@@ -7,9 +7,9 @@ and aborts cancelled ones. Two admission policies share that loop:
 - `continuous` (the default): a request joins the running rows at the next iteration, and a row
   that finishes or is aborted frees its slot at once, so a short request that arrives during a
   long one finishes first;
-- `dynamic` (the baseline it replaces): an idle replica waits `batch_wait_ms` for company (or
-  until `max_batch_size` requests wait), admits that batch, and admits nothing more until the
-  whole batch is done.
+- `dynamic` (the baseline `benchmarks/serve_load.py` compares with): an idle replica waits
+  `batch_wait_ms` for company (or until `max_batch_size` requests wait), admits that batch, and
+  admits nothing more until the whole batch is done.
 
 The engine reports each row's verified tokens through its `on_tokens` callback, on the loop
 thread. `TokenStream` turns them into text deltas (holding back incomplete characters and text

@@ -3,7 +3,7 @@
 Each replica loads the model once (`cllm.load_model`: a local directory, a hub id or `toy`) and
 runs one long-lived `cllm.Engine` loop (`cllm_serve.batching.EngineLoop`): requests join the
 running rows between Jacobi iterations (`scheduler=continuous`) or in whole batches
-(`scheduler=dynamic`, the old baseline). `mode=ar` decodes every request with one-token blocks,
+(`scheduler=dynamic`, the baseline). `mode=ar` decodes every request with one-token blocks,
 the AR baseline. Tokenisation, the chat template, the context-length check and stop sequences
 live here, next to the tokenizer; the ingress deals only with HTTP, and a request's defaults are
 resolved before it arrives (`cllm_serve.openai_api.DecodeParams`).

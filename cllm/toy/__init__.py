@@ -20,9 +20,7 @@ SPLITS = ("train", "heldout")
 TOY_NAMES = ("toy", *(f"toy-{domain}" for domain in DOMAINS))
 TOY_VERSIONS = {"math": "1", "code": "2", "sql": "2"}
 """Each domain's teacher version, in its cache path: bump it when a corpus, tokenizer or training
-change makes the domain's cached teachers stale. sql 2: a question mix weighted towards the
-varied families, and 8 attention heads. code 2: generated HumanEval-form tasks scored by
-execution, replacing docstring -> function pairs from the standard library."""
+change makes the domain's cached teachers stale."""
 
 
 @dataclass(frozen=True)

@@ -39,11 +39,9 @@ def _quote(value) -> str:
     return f"'{value}'" if isinstance(value, str) else str(value)
 
 
-# The teacher's stream draws the families that hold most distinct questions more often. Filtered
-# selections and joins name a number, so they make up 9 in 10 of the held-out questions (which are
-# distinct) but only 1 in 5 of a uniform stream. With 8 heads this mix had the best worst case over
-# five build seeds (93.0% of held-out questions, against 81.0% uniform; README). Indexed by family,
-# as in `_question`.
+# The teacher's stream draws the families that hold most distinct questions more often: filtered
+# selections and joins name a number, so they make up most held-out questions (which are distinct)
+# but few of a uniform stream (docs/results.md#toy-sql). Indexed by family, as in `_question`.
 TRAIN_FAMILY_WEIGHTS = (4, 1, 1, 1, 1, 1, 1, 3)
 
 

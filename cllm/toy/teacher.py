@@ -77,15 +77,13 @@ def default_config(domain: str | None = None) -> ToyConfig:
     if domain == "sql":
         # The math teacher's size. A larger vocabulary than math's makes every table, column and
         # keyword one token, as in the schema so in the query, which keeps copying them simple.
-        # 3M tokens (most of them schema text) build in about 9 minutes on 2 idle cores, 5M in about 15.
-        # Digits stay split as for math: BPE-merged numbers were copied as near neighbours
-        # (`> 778` as `> 777`). 8 heads (1.05x the time of 4) copy numbers with far fewer errors.
-        # Whether a build learns to copy the schema's table name still depends on its seed (README).
+        # Digits stay split as for math, as BPE-merged numbers are copied as near neighbours, and 8
+        # heads copy numbers with far fewer errors than 4 at nearly the same cost
+        # (docs/results.md#toy-sql).
         return ToyConfig(domain="sql", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
                          batch_size=32, train_tokens=3_000_000)
-    # SQL's size and budget. The prompt carries loss: a build on the bodies alone learned their
-    # shapes but not to copy names and constants from the prompt (10.2% pass@1), and the prompt's
-    # own copies (the parameter in the docstring, the name in the examples) teach it.
+    # SQL's size and budget. The prompt carries loss: its own copies of names and constants (the
+    # parameter in the docstring, the name in the examples) teach copying them (docs/results.md#toy-code).
     return ToyConfig(domain="code", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
                      batch_size=32, train_tokens=3_000_000, max_length=384, loss_on_prompt=True)
 
