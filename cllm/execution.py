@@ -20,7 +20,7 @@ exits with status 0, so `os._exit(0)` or `SystemExit` before the asserts fails.
 This is a guard against accidents of a model's code, not a security boundary: code that means
 harm can undo it (ctypes, re-importing modules), open files for writing outside its directory,
 or use the network. The process-count limit does not bind root. Score untrusted models inside a
-container or bubblewrap (README).
+container or bubblewrap (docs/design.md#code-execution).
 """
 
 from __future__ import annotations
