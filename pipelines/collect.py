@@ -44,7 +44,8 @@ from cllm.progress import Progress
 from cllm.prompts import FORMATS, BadPromptRow, PromptRecord, load_prompts
 from cllm.storage import StorageError, check_writable, resolve, storage_options
 from cllm.trajectory import CollectConfig, collect_trajectories
-from cllm_pipelines.common import Request, ResourceError, fault_marker, init_ray, require_resources
+from cllm_pipelines.common import fault_marker
+from cllm_raytools import Request, ResourceError, init_ray, require_resources
 
 # What each generator actor reports per prompt (its rows go straight to the staging directory).
 SUMMARY_SCHEMA = pa.schema([

@@ -37,7 +37,7 @@ from pathlib import Path
 from cllm.hf import load_model
 from cllm.losses import ArTarget
 from cllm.toy import DEFAULT_DOMAIN, DOMAINS, parse_toy_name, toy_version
-from cllm_pipelines.common import quiet_libraries
+from cllm_raytools import quiet_libraries
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"

@@ -48,7 +48,8 @@ from cllm.losses import AR_TARGETS, DISTANCES, LOSS_KINDS, LossConfig, compute_l
 from cllm.progress import Progress
 from cllm.schedule import warmup_cosine
 from cllm.storage import resolve, storage_options
-from cllm_pipelines.common import Request, ResourceError, fault_marker, init_ray, require_resources
+from cllm_pipelines.common import fault_marker
+from cllm_raytools import Request, ResourceError, init_ray, require_resources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_DEEPSPEED = os.path.join(REPO_ROOT, "cluster", "deepspeed", "zero2.json")

@@ -20,7 +20,7 @@ import torch
 from pydantic import Field
 from ray import serve
 
-from cllm_pipelines.common import Request, require_resources
+from cllm_raytools import Request, require_resources
 from cllm_serve.decoder import Decoder, DecoderSettings
 from cllm_serve.ingress import IngressSettings, OpenAIIngress
 from cllm_serve.openai_api import RequestDefaults

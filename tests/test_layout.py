@@ -86,6 +86,13 @@ def test_importing_the_decoder_loads_no_teacher_builder_plotting_or_ray():
     assert result.stdout.strip() == "[]"
 
 
+def test_the_server_never_imports_the_recipes():
+    """serve/ and pipelines/ share their Ray helpers through cllm_raytools, not one another."""
+    code = "import sys, cllm_serve.app; print(sorted(m for m in sys.modules if m.startswith('cllm_pipelines')))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
+
+
 def test_no_module_in_cllm_is_too_long():
     lengths = {module_name(path): len(path.read_text().splitlines()) for path in CLLM.rglob("*.py")}
     assert max(lengths.values()) <= MAX_MODULE_LINES, sorted(lengths.items(), key=lambda item: -item[1])[:3]

@@ -1,6 +1,6 @@
 """A user's own Ray cluster: the README's quick start, extracted from the README and run as
 written on a `ray start --head --num-cpus 2` cluster; requests the cluster cannot hold fail at
-once with the shortfall named; and the resource check itself."""
+once with the shortfall named (the check itself: test_raytools.py)."""
 
 from __future__ import annotations
 
@@ -16,9 +16,6 @@ from pathlib import Path
 
 import pytest
 from helpers import free_port, save_word_model, stop_ray_processes, trajectory_rows, wait_for_job_agent
-
-from cllm_pipelines import common
-from cllm_pipelines.common import Request, ResourceError, require_resources
 
 REPO = Path(__file__).resolve().parents[1]
 RAY = str(Path(sys.executable).with_name("ray"))
@@ -145,33 +142,3 @@ def test_requests_the_cluster_cannot_hold_fail_at_once(two_cpu_cluster, tmp_path
     assert serve.returncode != 0 and time.monotonic() - started < 120
     assert "min_replicas 3 needs 3 CPUs; the cluster has 2" in serve.stdout + serve.stderr
 
-
-# -- the resource check itself (no cluster) ----------------------------------------------------------
-
-
-def test_a_request_names_what_is_missing():
-    assert Request("--workers", 4, cpus=1, gpus=1).shortfall({"CPU": 16, "GPU": 2}) == (
-        "--workers 4 needs 4 GPUs; the cluster has 2"
-    )
-    assert Request("--workers", 3, cpus=1).shortfall({"CPU": 2.0}) == "--workers 3 needs 3 CPUs; the cluster has 2"
-    assert Request("min_replicas", 3, cpus=0.5).shortfall({"CPU": 1.0}) == (
-        "min_replicas 3 needs 1.5 CPUs; the cluster has 1"
-    )
-    assert Request("--workers", 2, cpus=1, gpus=1).shortfall({"CPU": 2, "GPU": 2}) is None
-
-
-def test_an_impossible_request_fails_at_once_and_a_pending_one_says_what_it_waits_for(monkeypatch, capsys):
-    totals = iter([{"CPU": 2}, {"CPU": 2}, {"CPU": 4}])
-    monkeypatch.setattr(common.ray, "cluster_resources", lambda: {"CPU": 2})
-    started = time.monotonic()
-    with pytest.raises(ResourceError, match=r"--workers 3 needs 3 CPUs; the cluster has 2; .*--wait-for-resources"):
-        require_resources(Request("--workers", 3, cpus=1))
-    assert time.monotonic() - started < 1
-
-    monkeypatch.setattr(common.ray, "cluster_resources", lambda: next(totals))
-    monkeypatch.setattr(common.time, "sleep", lambda seconds: None)
-    require_resources(Request("--workers", 3, cpus=1), wait_s=60)  # the third look finds 4 CPUs
-    pending = [line for line in capsys.readouterr().err.splitlines() if line.startswith("pending:")]
-    assert pending == [
-        "pending: --workers 3 needs 3 CPUs; the cluster has 2; waiting up to 60 s more for nodes to join"
-    ]
