@@ -42,9 +42,9 @@ from cllm.data import (
 from cllm.hf import load_model, load_tokenizer, model_facts
 from cllm.progress import Progress
 from cllm.prompts import FORMATS, BadPromptRow, PromptRecord, load_prompts
-from cllm.storage import StorageError, check_writable, resolve, storage_options
+from cllm.storage import StorageError, check_writable, resolve
 from cllm.trajectory import CollectConfig, collect_trajectories
-from cllm_pipelines.common import fault_marker
+from cllm_pipelines.common import CommonSettings, InputError, absolute_output, add_common_flags, fault_marker
 from cllm_raytools import Request, ResourceError, init_ray, require_resources
 
 # What each generator actor reports per prompt (its rows go straight to the staging directory).
@@ -58,8 +58,7 @@ SUMMARY_SCHEMA = pa.schema([
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy",
-                        help="hub id, local or s3:// directory, or toy / toy-math / toy-sql / toy-code")
+    add_common_flags(parser, workers_help="generator actors (default: 2)")
     parser.add_argument("--prompts", default="toy:train",
                         help="file, directory, glob or s3:// URI, or toy[-math|-sql|-code][:train|:heldout]")
     parser.add_argument("--format", default="auto", choices=FORMATS)
@@ -68,22 +67,48 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=128,
                         help="generation budget per prompt; prompt + budget must fit the model's context")
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2, help="generator actors (default: 2)")
     parser.add_argument("--gpus-per-worker", type=float, default=None,
                         help="default: 1 when the cluster has GPUs, else 0")
-    parser.add_argument("--wait-for-resources", type=float, default=0.0, metavar="SECONDS",
-                        help="wait this long for an autoscaling cluster to fit the workers (default: fail at once)")
     parser.add_argument("--limit", type=int, default=None, help="read at most this many prompts")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--augment", action="store_true", help="add half-corrected states (the paper's augmentation)")
     parser.add_argument("--max-prompt-tokens", type=int, default=None,
                         help="longer prompts are skipped (default: the model's context minus --max-new-tokens)")
     parser.add_argument("--min-loop-tokens", type=int, default=CollectConfig.min_loop_tokens,
                         help="drop outputs looping a short pattern over this many tokens (0: keep all)")
-    parser.add_argument("--s3-endpoint", default=None, help="endpoint URL of an S3-compatible store")
     parser.add_argument("--no-resume", action="store_true", help="collect every prompt even if already written")
     parser.add_argument("--strict", action="store_true", help="a bad input row is fatal")
     return parser.parse_args(argv)
+
+
+@dataclass(frozen=True)
+class CollectSettings:
+    """The collect recipe's flags, checked (`collect_settings`)."""
+
+    common: CommonSettings
+    prompts: str
+    format: str
+    output: str  # absolute when local
+    config: CollectConfig
+    batch_size: int
+    gpus_per_worker: float | None  # None: 1 when the cluster has GPUs
+    limit: int | None
+    max_prompt_tokens: int | None  # None: what the model's context leaves
+    resume: bool
+    strict: bool
+
+
+def collect_settings(args: argparse.Namespace) -> CollectSettings:
+    """The settings of a run, or InputError for flags that cannot work together."""
+    if args.batch_size < 1:
+        raise InputError(f"--batch-size must be >= 1, got {args.batch_size}")
+    return CollectSettings(
+        common=CommonSettings.from_args(args), prompts=args.prompts, format=args.format,
+        output=absolute_output(args.output),
+        config=CollectConfig(n_token=args.n_token, max_new_tokens=args.max_new_tokens, seed=args.seed,
+                             augment=args.augment, min_loop_tokens=args.min_loop_tokens),
+        batch_size=args.batch_size, gpus_per_worker=args.gpus_per_worker, limit=args.limit,
+        max_prompt_tokens=args.max_prompt_tokens, resume=not args.no_resume, strict=args.strict,
+    )
 
 
 def prompt_budget(context_length: int | None, max_new_tokens: int) -> int | None:
@@ -132,21 +157,20 @@ class TrajectoryCollector:
         return pa.Table.from_pylist(summary, schema=SUMMARY_SCHEMA)
 
 
-def collect(todo: list[PromptRecord], args: argparse.Namespace, config: CollectConfig, staging: str,
-            options: dict, gpus: float) -> dict[str, str]:
+def collect(todo: list[PromptRecord], settings: CollectSettings, staging: str, gpus: float) -> dict[str, str]:
     """Run the Ray Data job, printing one progress line. Returns the prompts the cleaning
     rejected, with reasons."""
     import ray
 
     items = [{"prompt_id": r.prompt_id, "prompt_ids": r.prompt_ids, "label_ids": r.label_ids} for r in todo]
-    batches = math.ceil(len(items) / args.batch_size)
+    batches = math.ceil(len(items) / settings.batch_size)
     summaries = ray.data.from_items(items, override_num_blocks=min(batches, 1000)).map_batches(
         TrajectoryCollector,
-        fn_constructor_kwargs={"model_name": args.model, "config": config, "staging": staging, "options": options,
-                               "fault_marker": fault_marker()},
-        batch_size=args.batch_size,
+        fn_constructor_kwargs={"model_name": settings.common.model, "config": settings.config, "staging": staging,
+                               "options": settings.common.storage_options, "fault_marker": fault_marker()},
+        batch_size=settings.batch_size,
         batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=min(args.workers, batches)),  # no idle actors
+        compute=ray.data.ActorPoolStrategy(size=min(settings.common.workers, batches)),  # no idle actors
         num_cpus=1,
         num_gpus=gpus,
         # Exactly-once output relies on Ray Data's defaults for actor pools: a dead actor is
@@ -204,30 +228,42 @@ class Summary:
             print(f"mean iterations/block: {iterations:.2f}")
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    if "://" not in args.output:  # say exactly where a local output lands (a job runs elsewhere)
-        args.output = os.path.abspath(os.path.expanduser(args.output))
-    options = storage_options(args.s3_endpoint)
-    config = CollectConfig(n_token=args.n_token, max_new_tokens=args.max_new_tokens, seed=args.seed,
-                           augment=args.augment, min_loop_tokens=args.min_loop_tokens)
+def read_prompts(settings: CollectSettings) -> tuple[list[PromptRecord], list[BadPromptRow]]:
+    """The prompts (and the bad rows), once the output is known to be writable: everything is
+    checked before Ray starts."""
+    options = settings.common.storage_options
+    check_writable(settings.output, options)
+    facts = model_facts(settings.common.model)
+    longest = settings.max_prompt_tokens or prompt_budget(facts.context_length, settings.config.max_new_tokens)
+    return load_prompts(
+        settings.prompts, load_tokenizer(settings.common.model), format=settings.format, limit=settings.limit,
+        strict=settings.strict, max_prompt_tokens=longest, storage_options=options,
+    )
 
-    # Fail fast: the output, the model and the prompts are checked before Ray starts.
+
+def start_ray(settings: CollectSettings) -> float:
+    """Start or join Ray and check that the cluster holds the actor pool; returns GPUs per actor."""
+    import ray
+
+    init_ray(min_logical_cpus=settings.common.workers)
+    gpus = settings.gpus_per_worker
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    require_resources(Request("--workers", settings.common.workers, cpus=1, gpus=gpus),
+                      settings.common.wait_for_resources_s)
+    return gpus
+
+
+def main(argv: list[str] | None = None) -> int:
     try:
-        if args.workers < 1 or args.batch_size < 1:
-            raise ValueError("--workers and --batch-size must be >= 1")
-        check_writable(args.output, options)
-        facts = model_facts(args.model)
-        records, bad_rows = load_prompts(
-            args.prompts, load_tokenizer(args.model), format=args.format, limit=args.limit, strict=args.strict,
-            max_prompt_tokens=args.max_prompt_tokens or prompt_budget(facts.context_length, args.max_new_tokens),
-            storage_options=options,
-        )
+        settings = collect_settings(parse_args(argv))
+        records, bad_rows = read_prompts(settings)
     except (StorageError, FileNotFoundError, ValueError, OSError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
 
-    existing = set() if args.no_resume else read_prompt_ids(args.output, options)
+    options = settings.common.storage_options
+    existing = read_prompt_ids(settings.output, options) if settings.resume else set()
     todo = [record for record in records if record.prompt_id not in existing]
     print(f"{len(records)} prompts accepted, {len(bad_rows)} bad rows, "
           f"{len(records) - len(todo)} already written, {len(todo)} to collect", flush=True)
@@ -236,23 +272,17 @@ def main(argv: list[str] | None = None) -> int:
     rejected: dict[str, str] = {}
     written = TRAJECTORY_SCHEMA.empty_table()
     if todo:
-        import ray
-
-        init_ray(min_logical_cpus=args.workers)
-        gpus = args.gpus_per_worker
-        if gpus is None:
-            gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
         try:
-            require_resources(Request("--workers", args.workers, cpus=1, gpus=gpus), args.wait_for_resources)
+            gpus = start_ray(settings)
         except ResourceError as error:
             print(f"error: {error}", file=sys.stderr)
             return 2
-        staging = new_staging_dir(args.output)
-        rejected = collect(todo, args, config, staging, options, gpus)
-        written = commit_staged(staging, args.output, options, existing)
+        staging = new_staging_dir(settings.output)
+        rejected = collect(todo, settings, staging, gpus)
+        written = commit_staged(staging, settings.output, options, existing)
     Summary(
         prompts_read=len(records) + len(bad_rows), bad_rows=bad_rows, already_written=len(records) - len(todo),
-        submitted=len(todo), rejected=rejected, written=written, output=args.output,
+        submitted=len(todo), rejected=rejected, written=written, output=settings.output,
         seconds=time.monotonic() - started,
     ).print()
     if (todo and written.num_rows == 0) or not records:
