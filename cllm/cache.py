@@ -68,6 +68,13 @@ def new_cache(model: torch.nn.Module) -> DynamicCache:
         return DynamicCache()
 
 
+def additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A boolean attention mask as the float mask every attention backend (sdpa and eager) takes
+    as a prepared 4D mask: 0 where attention is allowed, the dtype's minimum where it is not."""
+    blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
+    return blocked.masked_fill_(~allowed, torch.finfo(dtype).min)
+
+
 def attention_window(model: torch.nn.Module) -> int | None:
     """The sliding window every attention layer of `model` shares (None: full attention). Raises
     for what `SlotCache` cannot hold: recurrent or hybrid layers, or full and sliding layers mixed."""
@@ -192,8 +199,7 @@ class SlotCache(Cache):
         allowed = allowed[:, None]
         if self.boolean_mask:
             return allowed, positions
-        additive = torch.zeros(allowed.shape, dtype=dtype, device=device)
-        return additive.masked_fill_(~allowed, torch.finfo(dtype).min), positions
+        return additive_mask(allowed, dtype), positions
 
     def move_slot(self, source: int, target: int, length: int) -> None:
         """Copy the first `length` positions of slot `source` into slot `target`."""

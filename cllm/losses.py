@@ -34,6 +34,7 @@ from typing import Literal, TypeVar
 import torch
 import torch.nn.functional as F
 
+from cllm.cache import additive_mask
 from cllm.collate import PackedBatch, SequenceBatch, StateBatch
 from cllm.forcing import ForcingBatch
 from cllm.metrics import IGNORE
@@ -160,13 +161,6 @@ def _block_logits(logits: torch.Tensor, prefix_lengths: torch.Tensor, n_token: i
     return logits.gather(1, offsets[:, :, None].expand(-1, -1, logits.shape[-1]))
 
 
-def _additive_mask(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A (B, 1, L, L) float mask, 0 where attention is allowed: the form every attention backend
-    (sdpa and eager) accepts as a prepared 4D mask."""
-    blocked = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device)
-    return blocked.masked_fill(~allowed, torch.finfo(dtype).min)
-
-
 def _parameter_dtype(model: torch.nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
@@ -201,7 +195,7 @@ def _packed_forward(model: torch.nn.Module, input_ids: torch.Tensor, attention_a
     """Logits of a packed sequence whose segments see only what `attention_allowed` lets them."""
     return model(
         input_ids=input_ids,
-        attention_mask=_additive_mask(attention_allowed, _parameter_dtype(model)),
+        attention_mask=additive_mask(attention_allowed, _parameter_dtype(model)),
         position_ids=position_ids,
         use_cache=False,
     ).logits
