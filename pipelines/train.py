@@ -28,8 +28,8 @@ import random
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass
-from typing import Any
+from dataclasses import asdict, dataclass, replace
+from typing import Any, Literal
 
 import pyarrow as pa
 import ray
@@ -47,8 +47,8 @@ from cllm.hf import load_model, model_facts
 from cllm.losses import AR_TARGETS, DISTANCES, LOSS_KINDS, LossConfig, compute_losses
 from cllm.progress import Progress
 from cllm.schedule import warmup_cosine
-from cllm.storage import resolve, storage_options
-from cllm_pipelines.common import fault_marker
+from cllm.storage import resolve
+from cllm_pipelines.common import CommonSettings, InputError, absolute_output, add_common_flags, fault_marker
 from cllm_raytools import Request, ResourceError, init_ray, require_resources
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -65,17 +65,14 @@ OBJECTIVES = ("consistency", "jacobi-forcing")
 LENGTH_GROUP = 16
 
 
-class InputError(ValueError):
-    """Bad input found before training starts."""
-
-
 @dataclass
 class TrainSettings:
-    """Everything a worker needs; travels to the workers as the train loop config."""
+    """The train recipe's flags, checked (`train_settings`); travels to the workers as the train
+    loop config."""
 
-    model: str
-    output: str
-    s3_endpoint: str | None
+    common: CommonSettings
+    trajectories: str
+    output: str  # absolute when local
     deepspeed_config: dict
     loss: LossConfig
     packed: bool
@@ -84,29 +81,27 @@ class TrainSettings:
     lr: float
     lr_schedule: str
     warmup_fraction: float
-    total_steps: int  # optimizer steps the schedule spans
     batch_size: int
     grad_accum: int
-    seed: int
     checkpoint_every: int
-    pad_token_id: int
+    objective: str = "consistency"
+    use_gpu: Literal["auto", "yes", "no"] = "auto"
+    max_failures: int = 2
     gradient_checkpointing: bool = False
     packed_states: int | None = None  # states packed per row: all, or this many sampled
     length_group: int = LENGTH_GROUP  # micro-batches drawn at a time and grouped by length
     noise: NoiseSchedule | None = None  # set: Jacobi Forcing's objective on whole responses
     verbose: bool = False  # a line per optimizer step instead of a progress line
     fault_marker: str | None = None  # tests only (cllm_pipelines.common.fault_marker)
+    pad_token_id: int = 0  # the model's (`checked_inputs` sets it)
+    total_steps: int = 0  # optimizer steps the schedule spans (set once the records are counted)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model", default="toy",
-                        help="hub id, local or s3:// directory, or toy / toy-math / toy-sql / toy-code")
+    add_common_flags(parser, workers_help="training workers, one CPU (or GPU) each")
     parser.add_argument("--trajectories", default="runs/demo/trajectories", help="shard directory or s3:// URI")
     parser.add_argument("--output", default="runs/demo/cllm", help="directory or s3:// URI (checkpoints, hf/)")
-    parser.add_argument("--workers", type=int, default=2, help="training workers, one CPU (or GPU) each")
-    parser.add_argument("--wait-for-resources", type=float, default=0.0, metavar="SECONDS",
-                        help="wait this long for an autoscaling cluster to fit the workers (default: fail at once)")
     parser.add_argument("--use-gpu", choices=["auto", "yes", "no"], default="auto",
                         help="auto: use GPUs when the cluster has them")
     parser.add_argument("--deepspeed", default=DEFAULT_DEEPSPEED, help="DeepSpeed JSON config (ZeRO stage, ...)")
@@ -133,7 +128,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="micro-batches drawn at a time, their rows grouped by length to save padding "
                              f"(default {LENGTH_GROUP}; 1: random batches)")
     parser.add_argument("--grad-accum", type=int, default=1)
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--checkpoint-every", type=int, default=50, help="optimizer steps between checkpoints")
     parser.add_argument("--packed", action=argparse.BooleanOptionalAction, default=True,
                         help="train every state of a block in one forward (default) or one sampled state")
@@ -143,9 +137,55 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--gradient-checkpointing", action="store_true",
                         help="recompute activations in the backward pass: less memory, about a third more compute")
     parser.add_argument("--max-failures", type=int, default=2, help="worker failures to recover from")
-    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint URL (MinIO, moto, ...)")
     parser.add_argument("--verbose", action="store_true", help="print every optimizer step, not a progress line")
     return parser.parse_args(argv)
+
+
+def train_settings(args: argparse.Namespace) -> TrainSettings:
+    """The settings of a run from its flags, or InputError for flags that cannot work together."""
+    settings = TrainSettings(
+        common=CommonSettings.from_args(args), trajectories=args.trajectories, output=absolute_output(args.output),
+        deepspeed_config=read_deepspeed_config(args.deepspeed),
+        loss=LossConfig(kind=args.loss, distance=args.distance, ar_weight=args.ar_weight, ar_target=args.ar_target),
+        packed=args.packed, epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, lr_schedule=args.lr_schedule,
+        warmup_fraction=args.warmup_fraction, batch_size=args.batch_size, grad_accum=args.grad_accum,
+        checkpoint_every=args.checkpoint_every, objective=args.objective, use_gpu=args.use_gpu,
+        max_failures=args.max_failures, gradient_checkpointing=args.gradient_checkpointing,
+        packed_states=args.packed_states, length_group=args.length_group,
+        noise=noise_schedule(args.objective, args.noise_window, args.min_noise, args.max_noise),
+        verbose=args.verbose, fault_marker=fault_marker(),
+    )
+    check_settings(settings)
+    return settings
+
+
+def noise_schedule(objective: str, window: int, min_noise: float, max_noise: float) -> NoiseSchedule | None:
+    """The noise schedule for --objective jacobi-forcing (None for consistency)."""
+    if objective != "jacobi-forcing":
+        return None
+    try:
+        return NoiseSchedule(window=window, min_noise=min_noise, max_noise=max_noise)
+    except ValueError as error:
+        raise InputError(f"--noise-window/--min-noise/--max-noise: {error}") from error
+
+
+def check_settings(settings: TrainSettings) -> None:
+    """InputError unless the counts are positive and the objective's flags fit together."""
+    if min(settings.batch_size, settings.length_group, settings.grad_accum, settings.checkpoint_every) < 1:
+        raise InputError("--batch-size, --length-group, --grad-accum and --checkpoint-every must be >= 1")
+    if not 0 <= settings.warmup_fraction < 1:
+        raise InputError(f"--warmup-fraction must be in [0, 1), got {settings.warmup_fraction}")
+    if settings.noise is not None and not settings.packed:
+        raise InputError("--objective jacobi-forcing always packs a response's blocks: drop --no-packed")
+    if settings.noise is not None and settings.loss.kind != "global":
+        raise InputError("--objective jacobi-forcing learns the clean block (a global target): drop --loss local")
+    if settings.packed_states is None:
+        return
+    if settings.packed_states < 2:
+        raise InputError(f"--packed-states keeps a student and the fixed point: >= 2, got {settings.packed_states}")
+    if not settings.packed or settings.loss.kind != "global" or settings.noise is not None:
+        raise InputError("--packed-states samples states of packed rows for the global consistency loss: "
+                         "drop --no-packed, --loss local or --objective jacobi-forcing")
 
 
 # -- input checks (driver, before any worker starts) -------------------------------------------
@@ -272,37 +312,12 @@ def lr_scheduler(optimizer: torch.optim.Optimizer, settings: TrainSettings) -> t
     )
 
 
-def objective_schedule(args: argparse.Namespace) -> NoiseSchedule | None:
-    """The noise schedule for --objective jacobi-forcing (None for consistency), after checking
-    that the other flags fit it."""
-    if args.objective != "jacobi-forcing":
-        return None
-    if not args.packed:
-        raise InputError("--objective jacobi-forcing always packs a response's blocks: drop --no-packed")
-    if args.loss != "global":
-        raise InputError("--objective jacobi-forcing learns the clean block (a global target): drop --loss local")
-    try:
-        return NoiseSchedule(window=args.noise_window, min_noise=args.min_noise, max_noise=args.max_noise)
-    except ValueError as error:
-        raise InputError(f"--noise-window/--min-noise/--max-noise: {error}") from error
-
-
-def check_packed_states(args: argparse.Namespace) -> None:
-    if args.packed_states is None:
-        return
-    if args.packed_states < 2:
-        raise InputError(f"--packed-states keeps a student and the fixed point: >= 2, got {args.packed_states}")
-    if not args.packed or args.loss != "global" or args.objective != "consistency":
-        raise InputError("--packed-states samples states of packed rows for the global consistency loss: "
-                         "drop --no-packed, --loss local or --objective jacobi-forcing")
-
-
-def total_steps(rows: int, args: argparse.Namespace) -> int:
+def total_steps(records: int, settings: TrainSettings) -> int:
     """Optimizer steps of the whole run: --max-steps, or what the epochs give (every worker
     drops its last partial batch)."""
-    per_epoch = max(rows // (args.workers * args.batch_size * args.grad_accum), 1)
-    steps = per_epoch * args.epochs
-    return min(steps, args.max_steps) if args.max_steps else steps
+    per_epoch = max(records // (settings.common.workers * settings.batch_size * settings.grad_accum), 1)
+    steps = per_epoch * settings.epochs
+    return min(steps, settings.max_steps) if settings.max_steps else steps
 
 
 def use_the_interpreters_ninja() -> None:
@@ -316,21 +331,12 @@ def use_the_interpreters_ninja() -> None:
         os.environ["PATH"] = bin_directory + os.pathsep + path
 
 
-def train_loop(config: dict[str, Any]) -> None:
-    use_the_interpreters_ninja()
+def new_engine(settings: TrainSettings, device: torch.device, world_size: int):
+    """(DeepSpeed engine, its optimizer, the tokenizer) for the model, on `device`."""
     import deepspeed  # on the workers only
 
-    settings: TrainSettings = config["settings"]
-    # Ray Train logs every report at INFO through a logger its level setting does not reach: keep
-    # this worker's log at WARNING, so the progress line is the output.
-    logging.getLogger().setLevel(logging.WARNING)
-    context = ray.train.get_context()
-    rank, world_size = context.get_world_rank(), context.get_world_size()
-    device = ray.train.torch.get_device()
     use_gpu = device.type == "cuda"
-    torch.manual_seed(settings.seed)
-
-    model, tokenizer = load_model(settings.model, device=device, dtype=torch.float32)
+    model, tokenizer = load_model(settings.common.model, device=device, dtype=torch.float32)
     if settings.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
@@ -340,36 +346,62 @@ def train_loop(config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=lr_scheduler(optimizer, settings),
         config=engine_config(settings, world_size, use_gpu),
     )
+    return engine, optimizer, tokenizer
 
-    state, resumed = TrainState(), False
+
+def restored_state(engine, rank: int) -> tuple[TrainState, bool]:
+    """Where training stands: the latest checkpoint's state (and True), or a fresh start."""
     checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            _, client_state = engine.load_checkpoint(directory)
-        state, resumed = TrainState(**client_state["progress"]), True
-        if rank == 0:
-            worker_print(f"resuming from the checkpoint at step {state.step}")
+    if checkpoint is None:
+        return TrainState(), False
+    with checkpoint.as_directory() as directory:
+        _, client_state = engine.load_checkpoint(directory)
+    state = TrainState(**client_state["progress"])
+    if rank == 0:
+        worker_print(f"resuming from the checkpoint at step {state.step}")
+    return state, True
+
+
+def epoch_batches(shard, settings: TrainSettings, epoch: int, rank: int):
+    """This worker's micro-batches of one epoch, shuffled and grouped by length."""
+    collate_fn = TrajectoryCollate(
+        settings.pad_token_id, settings.packed, settings.loss.ar_target == "labels", settings.batch_size,
+        seed=settings.common.seed * 100_003 + epoch * 1009 + rank, noise=settings.noise,
+        packed_states=settings.packed_states,
+    )
+    group_size = settings.batch_size * settings.length_group
+    groups = shard.iter_torch_batches(
+        batch_size=group_size, collate_fn=collate_fn,
+        local_shuffle_buffer_size=2 * group_size, local_shuffle_seed=settings.common.seed + epoch,
+    )
+    return (batch for group in groups for batch in group)
+
+
+def finished(settings: TrainSettings, state: TrainState) -> bool:
+    return settings.max_steps is not None and state.step >= settings.max_steps
+
+
+def train_loop(config: dict[str, Any]) -> None:
+    use_the_interpreters_ninja()
+    settings: TrainSettings = config["settings"]
+    # Ray Train logs every report at INFO through a logger its level setting does not reach: keep
+    # this worker's log at WARNING, so the progress line is the output.
+    logging.getLogger().setLevel(logging.WARNING)
+    context = ray.train.get_context()
+    rank, world_size = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    torch.manual_seed(settings.common.seed)
+    engine, optimizer, tokenizer = new_engine(settings, device, world_size)
+    state, resumed = restored_state(engine, rank)
 
     shard = ray.train.get_dataset_shard("train")
     meter = StepMeter(device, settings.loss)
     reporter = step_reporter(settings, state.step) if rank == 0 else None
     checkpointed_step, metrics = state.step, {}
-    done = settings.max_steps is not None and state.step >= settings.max_steps
     for epoch in range(state.epoch, settings.epochs):
-        if done:
+        if finished(settings, state):
             break
-        collate_fn = TrajectoryCollate(
-            settings.pad_token_id, settings.packed, settings.loss.ar_target == "labels", settings.batch_size,
-            seed=settings.seed * 100_003 + epoch * 1009 + rank, noise=settings.noise,
-            packed_states=settings.packed_states,
-        )
-        group_size = settings.batch_size * settings.length_group
-        groups = shard.iter_torch_batches(
-            batch_size=group_size, collate_fn=collate_fn,
-            local_shuffle_buffer_size=2 * group_size, local_shuffle_seed=settings.seed + epoch,
-        )
-        batches = (batch for group in groups for batch in group)
-        for index, batch in enumerate(batches):
+        for index, batch in enumerate(epoch_batches(shard, settings, epoch, rank)):
             if epoch == state.epoch and index < state.batches_in_epoch:
                 continue  # trained before the restart
             steps_before = engine.global_steps
@@ -383,14 +415,13 @@ def train_loop(config: dict[str, Any]) -> None:
             metrics = meter.step_metrics(state, optimizer.param_groups[0]["lr"])
             if rank == 0:
                 report_step(reporter, metrics, settings.total_steps)
-            done = settings.max_steps is not None and state.step >= settings.max_steps
-            if state.step % settings.checkpoint_every == 0 or done:
+            if state.step % settings.checkpoint_every == 0 or finished(settings, state):
                 save_checkpoint(engine, state, metrics)
                 checkpointed_step = state.step
                 maybe_inject_fault(settings.fault_marker, rank, resumed)
             else:
                 ray.train.report(metrics)
-            if done:
+            if finished(settings, state):
                 break
         else:
             state = TrainState(epoch=epoch + 1, batches_in_epoch=0, step=engine.global_steps)
@@ -497,7 +528,7 @@ def export_model(engine, tokenizer, settings: TrainSettings, rank: int) -> None:
     with deepspeed.zero.GatheredParameters(parameters, modifier_rank=None, enabled=zero3):
         if rank != 0:
             return
-        filesystem, path = resolve(f"{settings.output.rstrip('/')}/hf", storage_options(settings.s3_endpoint))
+        filesystem, path = resolve(f"{settings.output.rstrip('/')}/hf", settings.common.storage_options)
         with tempfile.TemporaryDirectory() as staging:
             engine.module.save_pretrained(staging)
             tokenizer.save_pretrained(staging)
@@ -518,94 +549,107 @@ def ray_filesystem(uri: str, options: dict) -> tuple[PyFileSystem | None, str]:
     return PyFileSystem(FSSpecHandler(filesystem)), path
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    options = storage_options(args.s3_endpoint)
-    output = args.output if "://" in args.output else os.path.abspath(args.output)
+@dataclass(frozen=True)
+class TrainInputs:
+    """What the driver found in the inputs before any worker starts."""
 
-    # Fail fast: everything that can be checked without the cluster is checked here.
-    try:
-        if min(args.workers, args.batch_size, args.length_group, args.grad_accum, args.checkpoint_every) < 1:
-            raise InputError(
-                "--workers, --batch-size, --length-group, --grad-accum and --checkpoint-every must be >= 1")
-        if not 0 <= args.warmup_fraction < 1:
-            raise InputError(f"--warmup-fraction must be in [0, 1), got {args.warmup_fraction}")
-        deepspeed_config = read_deepspeed_config(args.deepspeed)
-        facts = model_facts(args.model)
-        shards, rows = check_trajectories(args.trajectories, options, facts.vocab_size, args.ar_target)
-        loss = LossConfig(kind=args.loss, distance=args.distance, ar_weight=args.ar_weight, ar_target=args.ar_target)
-        noise = objective_schedule(args)
-        check_packed_states(args)
-        if rows < args.workers * args.batch_size:
-            raise InputError(f"{rows} rows cannot fill a batch of {args.batch_size} on {args.workers} workers")
-    except (InputError, ValueError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    print(f"{rows} trajectory rows in {len(shards)} shards; model {args.model} (vocab {facts.vocab_size}); "
-          f"objective {args.objective}", flush=True)
+    shards: list[str]
+    rows: int
+    vocab_size: int
 
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
-    init_ray(min_logical_cpus=args.workers)
-    use_gpu = args.use_gpu == "yes" or (args.use_gpu == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
-    try:
-        require_resources(Request("--workers", args.workers, cpus=1, gpus=1 if use_gpu else 0), args.wait_for_resources)
-    except ResourceError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    data_filesystem, _ = ray_filesystem(args.trajectories, options)
+
+def checked_inputs(settings: TrainSettings) -> tuple[TrainSettings, TrainInputs]:
+    """The model's facts and the trajectory shards, checked against each other and against the
+    settings (InputError otherwise); the settings get the model's pad id."""
+    facts = model_facts(settings.common.model)
+    shards, rows = check_trajectories(settings.trajectories, settings.common.storage_options, facts.vocab_size,
+                                      settings.loss.ar_target)
+    check_batch_fills(rows, "rows", settings)
+    return replace(settings, pad_token_id=facts.pad_id), TrainInputs(shards, rows, facts.vocab_size)
+
+
+def check_batch_fills(records: int, what: str, settings: TrainSettings) -> None:
+    if records < settings.common.workers * settings.batch_size:
+        raise InputError(f"{records} {what} cannot fill a batch of {settings.batch_size} "
+                         f"on {settings.common.workers} workers")
+
+
+def training_data(settings: TrainSettings, inputs: TrainInputs) -> tuple[ray.data.Dataset, int]:
+    """The trajectories as a materialized Ray dataset (one record per response for Jacobi
+    Forcing), and its record count."""
+    data_filesystem, _ = ray_filesystem(settings.trajectories, settings.common.storage_options)
     # Read now, while no worker holds a CPU: Ray Data excludes the training workers' resources
     # from its own budget, so on a cluster whose CPUs all go to workers a streaming read would
     # wait forever. Trajectories are small next to the model, so the object store holds them.
-    dataset = ray.data.read_parquet(shards, filesystem=data_filesystem).select_columns(list(ROW_FIELDS))
-    if noise is not None:  # Jacobi Forcing trains whole responses: one record per prompt
-        # As many shuffle partitions as the cluster has CPUs (Ray's default, 200, is for big clusters).
-        partitions = min(len(shards), max(1, int(ray.cluster_resources().get("CPU", 1))))
-        dataset = dataset.groupby("prompt_id", num_partitions=partitions).map_groups(
-            response_record, batch_format="pyarrow")
-    dataset = dataset.materialize()
-    records = dataset.count() if noise is not None else rows
-    if records < args.workers * args.batch_size:
-        print(f"error: {records} responses cannot fill a batch of {args.batch_size} on {args.workers} workers",
-              file=sys.stderr)
-        return 2
-    settings = TrainSettings(
-        model=args.model, output=output, s3_endpoint=args.s3_endpoint, deepspeed_config=deepspeed_config,
-        loss=loss, packed=args.packed, packed_states=args.packed_states, epochs=args.epochs,
-        max_steps=args.max_steps, lr=args.lr,
-        lr_schedule=args.lr_schedule, warmup_fraction=args.warmup_fraction, total_steps=total_steps(records, args),
-        batch_size=args.batch_size, length_group=args.length_group, grad_accum=args.grad_accum, seed=args.seed,
-        checkpoint_every=args.checkpoint_every, pad_token_id=facts.pad_id,
-        gradient_checkpointing=args.gradient_checkpointing, noise=noise, verbose=args.verbose,
-        fault_marker=fault_marker(),
-    )
-    storage_filesystem, storage_path = ray_filesystem(output, options)
-    trainer = TorchTrainer(
+    dataset = ray.data.read_parquet(inputs.shards, filesystem=data_filesystem).select_columns(list(ROW_FIELDS))
+    if settings.noise is None:
+        return dataset.materialize(), inputs.rows
+    # Jacobi Forcing trains whole responses: one record per prompt. As many shuffle partitions as
+    # the cluster has CPUs (Ray's default, 200, is for big clusters).
+    partitions = min(len(inputs.shards), max(1, int(ray.cluster_resources().get("CPU", 1))))
+    dataset = dataset.groupby("prompt_id", num_partitions=partitions).map_groups(
+        response_record, batch_format="pyarrow").materialize()
+    records = dataset.count()
+    check_batch_fills(records, "responses", settings)
+    return dataset, records
+
+
+def new_trainer(settings: TrainSettings, dataset: ray.data.Dataset, use_gpu: bool) -> TorchTrainer:
+    storage_filesystem, storage_path = ray_filesystem(settings.output, settings.common.storage_options)
+    return TorchTrainer(
         train_loop,
         train_loop_config={"settings": settings},
-        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1}),
+        scaling_config=ScalingConfig(num_workers=settings.common.workers, use_gpu=use_gpu,
+                                     resources_per_worker={"CPU": 1}),
         run_config=RunConfig(
             name=RUN_NAME,
             storage_path=storage_path,
             storage_filesystem=storage_filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
-            failure_config=FailureConfig(max_failures=args.max_failures),
+            failure_config=FailureConfig(max_failures=settings.max_failures),
             logging_config=ray.LoggingConfig(log_level="WARNING"),  # no line per report
         ),
         datasets={"train": dataset},
     )
-    started = time.monotonic()
-    result = trainer.fit()
 
+
+def print_result(result: ray.train.Result, output: str, seconds: float) -> None:
     metrics = result.metrics or {}
     print(json.dumps({
         "steps": metrics.get("step"),
         "loss": metrics.get("loss"),
         "consistency_loss": metrics.get("consistency_loss"),
         "ar_loss": metrics.get("ar_loss"),
-        "seconds": round(time.monotonic() - started, 1),
+        "seconds": round(seconds, 1),
         "checkpoint": result.checkpoint.path if result.checkpoint else None,
         "model": f"{output.rstrip('/')}/hf",
     }))
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:  # fail fast: everything that can be checked without the cluster is checked here
+        settings, inputs = checked_inputs(train_settings(parse_args(argv)))
+    except (InputError, ValueError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"{inputs.rows} trajectory rows in {len(inputs.shards)} shards; model {settings.common.model} "
+          f"(vocab {inputs.vocab_size}); objective {settings.objective}", flush=True)
+
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", REPORT_POLL_INTERVAL_S)
+    init_ray(min_logical_cpus=settings.common.workers)
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    use_gpu = settings.use_gpu == "yes" or (settings.use_gpu == "auto" and has_gpus)
+    try:
+        require_resources(Request("--workers", settings.common.workers, cpus=1, gpus=1 if use_gpu else 0),
+                          settings.common.wait_for_resources_s)
+        dataset, records = training_data(settings, inputs)
+    except (ResourceError, InputError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    settings = replace(settings, total_steps=total_steps(records, settings))
+    started = time.monotonic()
+    result = new_trainer(settings, dataset, use_gpu).fit()
+    print_result(result, settings.output, time.monotonic() - started)
     return 0
 
 

@@ -24,10 +24,11 @@ from cllm.losses import LossConfig, compute_losses
 from cllm.trajectory import CollectConfig
 from cllm.trajectory import trajectory_rows as collect_rows
 from cllm_pipelines import train
-from cllm_pipelines.common import FAULT_MARKER_ENV
+from cllm_pipelines.common import FAULT_MARKER_ENV, CommonSettings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
+COMMON = CommonSettings(model="m", workers=1, wait_for_resources_s=0.0, s3_endpoint=None, seed=0)
 VOCAB = 64
 N_TOKEN = 4
 PROMPTS = [[3, 17, 22, 9, 41], [5, 5, 30, 12], [60, 2, 14, 33, 7, 8], [11, 48, 25], [40, 41, 42, 43, 44, 45, 46]]
@@ -155,10 +156,9 @@ def test_shipped_deepspeed_configs_are_zero_2_and_3():
         assert config["zero_optimization"]["stage"] == stage
     settings = train.engine_config(
         train.TrainSettings(
-            model="m", output="o", s3_endpoint=None, deepspeed_config={"zero_optimization": {"stage": 2}},
+            common=COMMON, trajectories="t", output="o", deepspeed_config={"zero_optimization": {"stage": 2}},
             loss=LossConfig(), packed=True, epochs=1, max_steps=None, lr=1e-3, lr_schedule="cosine",
-            warmup_fraction=0.0, total_steps=10, batch_size=3, grad_accum=2, seed=0, checkpoint_every=1,
-            pad_token_id=0,
+            warmup_fraction=0.0, total_steps=10, batch_size=3, grad_accum=2, checkpoint_every=1,
         ),
         world_size=2, use_gpu=False,
     )
@@ -168,9 +168,9 @@ def test_shipped_deepspeed_configs_are_zero_2_and_3():
 def schedule_rates(schedule: str, total_steps: int, warmup_fraction: float) -> list[float]:
     """The learning rate of every optimizer step under pipelines/train.py's scheduler."""
     settings = train.TrainSettings(
-        model="m", output="o", s3_endpoint=None, deepspeed_config={}, loss=LossConfig(), packed=True, epochs=1,
+        common=COMMON, trajectories="t", output="o", deepspeed_config={}, loss=LossConfig(), packed=True, epochs=1,
         max_steps=None, lr=1e-3, lr_schedule=schedule, warmup_fraction=warmup_fraction, total_steps=total_steps,
-        batch_size=1, grad_accum=1, seed=0, checkpoint_every=1, pad_token_id=0,
+        batch_size=1, grad_accum=1, checkpoint_every=1,
     )
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=settings.lr)
     scheduler = train.lr_scheduler(optimizer, settings)
@@ -193,10 +193,11 @@ def test_cosine_schedule_warms_up_then_decays_towards_zero():
 
 
 def test_schedule_spans_the_steps_the_run_will_take():
-    args = train.parse_args(["--workers", "2", "--batch-size", "4", "--grad-accum", "2", "--epochs", "3"])
-    assert train.total_steps(100, args) == 3 * (100 // 16)
-    args = train.parse_args(["--workers", "2", "--batch-size", "4", "--epochs", "3", "--max-steps", "5"])
-    assert train.total_steps(100, args) == 5
+    def settings(*flags: str) -> train.TrainSettings:
+        return train.train_settings(train.parse_args(["--workers", "2", "--batch-size", "4", "--epochs", "3", *flags]))
+
+    assert train.total_steps(100, settings("--grad-accum", "2")) == 3 * (100 // 16)
+    assert train.total_steps(100, settings("--max-steps", "5")) == 5
 
 
 # -- distributed runs on the local 2-node cluster (slow) -------------------------------------------
