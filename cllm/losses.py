@@ -209,11 +209,11 @@ def packed_losses(model: torch.nn.Module, batch: PackedBatch, config: LossConfig
     state_logits = logits.gather(1, index[:, :, None].expand(-1, -1, logits.shape[-1]))
     state_logits = state_logits.view(*batch.states.shape, logits.shape[-1])
 
-    rows = torch.arange(batch.states.shape[0], device=logits.device)
+    batch_index = torch.arange(batch.states.shape[0], device=logits.device)
     last = batch.state_counts - 1
-    fixed_point = batch.states[rows, last]
+    fixed_point = batch.states[batch_index, last]
     if config.kind == "global":
-        target_logits = state_logits[rows, last].unsqueeze(1).expand_as(state_logits)
+        target_logits = state_logits[batch_index, last].unsqueeze(1).expand_as(state_logits)
         target_tokens = fixed_point.unsqueeze(1).expand_as(batch.states)
     else:  # state j learns from state j + 1; the last state has no successor and is masked below
         target_logits = torch.cat([state_logits[:, 1:], state_logits[:, -1:]], dim=1)
