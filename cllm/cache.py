@@ -93,6 +93,16 @@ def attention_window(model: torch.nn.Module) -> int | None:
 
 
 @dataclass
+class FeedTree:
+    """How a forward's fed tokens relate when they are not one chain (n-grams verified beside a
+    Jacobi window): token j of row b sits at position length + offsets[b, j] and sees the fed
+    tokens i with visible[b, j, i] (and the whole cache). A chain is offsets j, visible i <= j."""
+
+    offsets: torch.Tensor  # (rows, width) long
+    visible: torch.Tensor  # (rows, width, width) bool
+
+
+@dataclass
 class SlotView:
     """The slots the next forward covers, and where each of its rows writes."""
 
@@ -183,19 +193,36 @@ class SlotCache(Cache):
         super().__init__(layers=[SlotLayer(self) for _ in range(config.num_hidden_layers)])
 
     def prepare(
-        self, start: int, lengths: list[int], width: int, device: torch.device, dtype: torch.dtype
+        self,
+        start: int,
+        lengths: list[int],
+        width: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        tree: FeedTree | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """(attention_mask, position_ids) for a forward over slots [start, start + len(lengths))."""
+        """(attention_mask, position_ids) for a forward over slots [start, start + len(lengths)):
+        the fed tokens form a chain, or the `tree` given."""
         row_lengths = torch.tensor(lengths, device=device)
-        positions = row_lengths[:, None] + torch.arange(width, device=device)
+        writes = row_lengths[:, None] + torch.arange(width, device=device)
         kv_length = max(lengths) + width
-        self.view = SlotView(start, start + len(lengths), positions, kv_length)
+        self.view = SlotView(start, start + len(lengths), writes, kv_length)
         keys = torch.arange(kv_length, device=device)
-        # Row b's query i sits at position lengths[b] + i and sees every key up to itself. Padding
-        # queries see padding keys too: finite garbage no real query ever attends to.
-        allowed = keys[None, None, :] <= positions[:, :, None]
+        if tree is None:
+            # Row b's query i sits at position lengths[b] + i and sees every key up to itself.
+            # Padding queries see padding keys too: finite garbage no real query ever attends to.
+            positions, key_positions = writes, keys[None, :]
+            allowed = keys[None, None, :] <= positions[:, :, None]
+        else:
+            positions = row_lengths[:, None] + tree.offsets.to(device)
+            fed = keys[None, :] - row_lengths[:, None]  # (rows, keys): which fed token a key is, if >= 0
+            is_fed = (fed >= 0) & (fed < width)
+            index = fed.clamp(0, width - 1)
+            sees_fed = tree.visible.to(device).gather(2, index[:, None, :].expand(-1, width, -1))
+            allowed = (fed < 0)[:, None, :] | (sees_fed & is_fed[:, None, :])
+            key_positions = torch.where(is_fed, positions.gather(1, index), keys[None, :])
         if self.window is not None:
-            allowed &= keys[None, None, :] > positions[:, :, None] - self.window
+            allowed &= key_positions[:, None, :] > positions[:, :, None] - self.window
         allowed = allowed[:, None]
         if self.boolean_mask:
             return allowed, positions

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 
 import torch
 
-from cllm.cache import SlotCache, cache_kwargs, logits_to_keep_kwargs
+from cllm.cache import FeedTree, SlotCache, cache_kwargs, logits_to_keep_kwargs
 from cllm.metrics import common_prefix_length
 from cllm.row import FinishReason, RequestParams, Row, RowCallback, RowStats
 from cllm.sampling import TokenLogprob, random_keys, speculative_step, target_probs, token_logprobs
@@ -60,6 +60,7 @@ class _Choices:
     proposals: list[list[int]]
     logprobs: list[list[TokenLogprob] | None]
     sampled_probs: dict[int, torch.Tensor]  # row index -> (width, vocab) target distributions
+    argmax: list[list[int]]  # the likeliest token at every position (what recycled n-grams are checked against)
 
 
 class Engine:
@@ -84,6 +85,8 @@ class Engine:
         self.isolate_failures = isolate_failures
         self.cache = SlotCache(model, max_slots=max_rows)
         self.vocab_size = int(model.config.get_text_config(decoder=True).vocab_size)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        self._logits_width = int(head.weight.shape[0]) if head is not None else self.vocab_size
         self._dtype = getattr(model, "dtype", torch.float32)  # of the attention mask (eager attention)
         self._seeds = random.Random(seed) if seed is not None else random.SystemRandom()
         self._waiting: deque[Row] = deque()
@@ -108,7 +111,7 @@ class Engine:
             raise ValueError(f"token ids must lie in [0, {self.vocab_size})")
         seed = params.sampling.seed if params.sampling.seed is not None else self._seeds.getrandbits(63)
         request_id, self._next_id = self._next_id, self._next_id + 1
-        row = Row(request_id, prompt, params, seed, self.pad, on_tokens)
+        row = Row(request_id, prompt, params, seed, self.pad, self._logits_width, self.model.device, on_tokens)
         self._rows[request_id] = row
         self._waiting.append(row)
         return request_id
@@ -223,14 +226,17 @@ class Engine:
 
     # -- forwards --------------------------------------------------------------------------------
 
-    def _forward(self, rows: list[Row], feeds: list[list[int]], keep: list[int] | None = None) -> torch.Tensor:
+    def _forward(
+        self, rows: list[Row], feeds: list[list[int]], keep: list[int] | None = None, tree: FeedTree | None = None
+    ) -> torch.Tensor:
         """Logits (rows, positions, vocab) of one forward over the rows' slots, each row fed its
-        tokens at its own end; with `keep` (a position per row), only those positions' logits."""
+        tokens at its own end (as a chain, or as `tree` lays them out); with `keep` (a position
+        per row), only those positions' logits."""
         device = self.model.device
         width = max(len(feed) for feed in feeds)
         input_ids = torch.tensor([feed + [self.pad] * (width - len(feed)) for feed in feeds], device=device)
         mask, positions = self.cache.prepare(
-            rows[0].slot, [row.length for row in rows], width, device, self._dtype
+            rows[0].slot, [row.length for row in rows], width, device, self._dtype, tree
         )
         kwargs = cache_kwargs(self.model, self.cache)
         if keep is not None:
@@ -268,7 +274,6 @@ class Engine:
             row.stats.forwards += 1
             logprobs = choices.logprobs[index]
             row.start(choices.proposals[index][0], logprobs[0] if logprobs else None)
-            self._reset_draft_probs(row, logits.shape[-1])
 
     @staticmethod
     def _prompt_logprobs(row: Row, logits: torch.Tensor) -> None:
@@ -288,7 +293,8 @@ class Engine:
     def _iterate(self) -> None:
         rows = self._running
         try:
-            logits = self._forward(rows, [row.feed for row in rows])
+            feeds, tree = self._feeds(rows)
+            logits = self._forward(rows, feeds, tree=tree)
             self._forbid_early_stops(rows, logits, [len(row.output) + row.cached + 1 for row in rows])
             choices = self._choose(rows, logits, [row.drafts for row in rows])
         except Exception as error:
@@ -299,17 +305,38 @@ class Engine:
             longest.fail(error)
             return
         for index, row in enumerate(rows):
-            before = row.cached
-            accepted = choices.accepted[index]
-            row.length += row.advance(accepted, choices.proposals[index], choices.logprobs[index])
-            if row.sampling.greedy or row.done or row.n_token == 1:
-                continue
-            if row.cached == 0:  # a new block: its guesses are fixed drafts
-                self._reset_draft_probs(row, logits.shape[-1])
-            else:  # the redrafted positions were drawn from this iteration's distributions
-                start = before + accepted + 2  # the first redrafted block position
-                fresh = choices.sampled_probs[index][accepted + 1 :]
-                row.draft_probs[start:] = fresh[: row.n_token - start]
+            verified_before = len(row.output) + row.cached + 1
+            row.length += row.advance(
+                choices.accepted[index], choices.proposals[index], choices.logprobs[index],
+                choices.sampled_probs.get(index),
+            )
+            if row.candidates:
+                starts = [len(feeds[index]) - sum(map(len, row.candidates))]
+                for candidate in row.candidates[:-1]:
+                    starts.append(starts[-1] + len(candidate))
+                row.recycle(verified_before, choices.argmax[index], starts)
+
+    @staticmethod
+    def _feeds(rows: list[Row]) -> tuple[list[list[int]], FeedTree | None]:
+        """Each row's window tokens, then the n-grams it verifies beside them: every n-gram
+        branches off the first fed token (the last verified one), so each of its tokens sees that
+        token and the n-gram's own earlier tokens, at the positions it would hold in the text."""
+        candidates = [row.next_candidates() for row in rows]
+        feeds = [row.feed + [token for candidate in row_candidates for token in candidate]
+                 for row, row_candidates in zip(rows, candidates)]
+        if not any(candidates):
+            return feeds, None
+        width = max(map(len, feeds))
+        offsets = torch.arange(width).repeat(len(rows), 1)
+        visible = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1)
+        for index, (row, row_candidates) in enumerate(zip(rows, candidates)):
+            start = len(row.feed)
+            for candidate in row_candidates:
+                span = slice(start, start + len(candidate))
+                offsets[index, span] = torch.arange(1, len(candidate) + 1)
+                visible[index, span, 1:start] = False  # neither the window's drafts nor earlier n-grams
+                start += len(candidate)
+        return feeds, FeedTree(offsets, visible)
 
     @staticmethod
     def _forbid_early_stops(rows: list[Row], logits: torch.Tensor, first_outputs: list[int]) -> None:
@@ -320,12 +347,6 @@ class Engine:
             if early > 0 and row.params.eos_token_ids:
                 logits[i, :early, sorted(row.params.eos_token_ids)] = -float("inf")
 
-    def _reset_draft_probs(self, row: Row, vocab: int) -> None:
-        """Fixed guesses count as drawn from one-hot distributions."""
-        if not row.sampling.greedy and not row.done and row.n_token > 1:
-            block = torch.tensor(row.block, device=self.model.device)
-            row.draft_probs = torch.nn.functional.one_hot(block, vocab).float()
-
     # -- choosing tokens ---------------------------------------------------------------------------
 
     def _choose(self, rows: list[Row], logits: torch.Tensor, drafts: list[list[int]]) -> _Choices:
@@ -333,7 +354,8 @@ class Engine:
         drafts (greedy: argmax; sampling: the speculative rule), and their log-probabilities."""
         device, width = logits.device, logits.shape[1]
         sampled = [i for i, row in enumerate(rows) if not row.sampling.greedy]
-        chosen = logits.argmax(-1)  # greedy rows' proposals; for every row, the logprob targets
+        argmax = logits.argmax(-1)
+        chosen = argmax.clone()  # greedy rows' proposals; for every row, the logprob targets
         sampled_probs: dict[int, torch.Tensor] = {}
         kept: list[int] = []
         if sampled:
@@ -356,7 +378,10 @@ class Engine:
         accepted_by_row = [common_prefix_length(drafts[i], proposals[i][: len(drafts[i])]) for i in range(len(rows))]
         for position, i in enumerate(sampled):
             accepted_by_row[i] = kept[position]
-        return _Choices(accepted_by_row, proposals, self._logprobs(rows, logits, chosen, proposals), sampled_probs)
+        greedy_choices = proposals if not sampled else argmax.tolist()
+        return _Choices(
+            accepted_by_row, proposals, self._logprobs(rows, logits, chosen, proposals), sampled_probs, greedy_choices
+        )
 
     def _logprobs(
         self, rows: list[Row], logits: torch.Tensor, chosen: torch.Tensor, proposals: list[list[int]]

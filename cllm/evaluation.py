@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cllm.drafts import PAPER, DecodingOptions
 from cllm.execution import CodeProblem, check_completions, pass_at_1
 from cllm.jacobi import (
     GenerationStats,
@@ -42,6 +43,8 @@ class DecodeSettings:
     batch_size: int = 1
     seed: int = 0  # seeds the Jacobi initial guesses, so reruns draw the same guesses
     repeats: int = 1  # timed decodes per batch and method; the fastest counts (noise only slows)
+    drafting: dict[str, DecodingOptions] = field(default_factory=lambda: {"paper": PAPER})
+    """Jacobi variants to run at every block size, by name ("paper": the paper's rule)."""
 
 
 @dataclass
@@ -60,10 +63,11 @@ class Contender:
 class RunResult:
     """One decoding method (AR, or Jacobi at one block size) over all prompts of one model."""
 
-    decoding: str  # "ar" or "jacobi"
+    decoding: str  # "ar", "jacobi" (the paper's rule) or "jacobi+<variant>"
     n_token: int
     outputs: list[list[int]]  # per prompt, in prompt order
     per_prompt: list[RowStats]
+    options: DecodingOptions = PAPER
     seconds: float = 0.0  # decoding wall time summed over batches, warm-up excluded
     example_trajectory: list[list[int]] | None = None  # one block's states, for the Figure 1 plot
     accuracy: float | None = None  # the task metric of `outputs`, where there is one
@@ -116,6 +120,8 @@ class ReportRow:
     iterations_per_block: float
     repetition: float  # mean share of repeated 4-grams per output: loops show up here
     exact_match: float | None = None  # sql: share of queries equal to the reference (Spider's EM)
+    fed_per_iteration: float = 0.0  # tokens a Jacobi forward fed per row (window and n-grams)
+    speedup_over_jacobi: float | None = None  # tokens/s over the same model's paper-rule Jacobi at this n
 
 
 # -- batching and decoding -------------------------------------------------------------------
@@ -135,7 +141,7 @@ def _decode(
     generator = torch.Generator().manual_seed(settings.seed)
     return jacobi_generate(
         contender.model, input_ids, attention_mask, n_token=run.n_token, generator=generator,
-        return_trajectories=True, **common,
+        return_trajectories=run.options == PAPER, decoding=run.options, **common,
     )
 
 
@@ -166,8 +172,15 @@ def compare_decoding(
         raise ValueError(f"every contender needs the same, non-zero number of prompts, got {sorted(counts)}")
     if settings.repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {settings.repeats}")
-    methods = [("ar", 1)] + [("jacobi", n) for n in settings.n_tokens]
-    runs = {c.name: [RunResult(decoding, n, outputs=[], per_prompt=[]) for decoding, n in methods] for c in contenders}
+    methods = [("ar", 1, PAPER)] + [
+        ("jacobi" if name == "paper" else f"jacobi+{name}", n, options)
+        for n in settings.n_tokens
+        for name, options in settings.drafting.items()
+    ]
+    runs = {
+        c.name: [RunResult(decoding, n, outputs=[], per_prompt=[], options=options) for decoding, n, options in methods]
+        for c in contenders
+    }
     timed = [(contender, run) for contender in contenders for run in runs[contender.name]]
     for contender, run in timed:
         _decode(contender, contender.prompts[: settings.batch_size], run, settings)
@@ -267,8 +280,12 @@ def report_rows(evaluations: Sequence[ModelEvaluation], baseline: str) -> list[R
     reference = by_name[baseline].run("ar", 1)
     rows = []
     for evaluation in evaluations:
+        plain = {run.n_token: run for run in evaluation.runs if run.decoding == "jacobi"}
         for run in evaluation.runs:
             total = run.total
+            over_jacobi = None
+            if run.decoding.startswith("jacobi+") and run.n_token in plain:
+                over_jacobi = _ratio(run.tokens_per_second, plain[run.n_token].tokens_per_second)
             identical, prefix = agreement(run.outputs, reference.outputs)
             blocks = max(total.blocks, 1)
             rows.append(
@@ -291,6 +308,8 @@ def report_rows(evaluations: Sequence[ModelEvaluation], baseline: str) -> list[R
                     iterations_per_block=total.mean_iterations_per_block,
                     repetition=sum(map(repetition_rate, run.outputs)) / max(len(run.outputs), 1),
                     exact_match=run.exact_match,
+                    fed_per_iteration=total.fed_per_iteration,
+                    speedup_over_jacobi=over_jacobi,
                 )
             )
     return rows

@@ -16,6 +16,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from cllm.drafts import PAPER, DecodingOptions
 from cllm.engine import Engine, FinishedRequest
 from cllm.hf import as_id_set
 from cllm.row import InitGuess, RequestParams, RowStats
@@ -41,6 +42,9 @@ class GenerationStats:
             total.new_tokens += row.new_tokens
             total.fast_forwarded += row.fast_forwarded
             total.stationary += row.stationary
+            total.recycled += row.recycled
+            total.iterations += row.iterations
+            total.fed += row.fed
             total.iterations_per_block.extend(row.iterations_per_block)
         return total
 
@@ -94,6 +98,7 @@ def jacobi_generate(
     on_tokens: TokenCallback | None = None,
     sampling: SamplingParams = GREEDY,
     logprobs: int | None = None,
+    decoding: DecodingOptions = PAPER,
 ) -> JacobiOutput:
     """Jacobi decoding of a padded batch (any padding side) with blocks of `n_token` tokens:
     greedy (equal to greedy AR) by default, lossless sampling with `sampling`. The initial guess
@@ -101,7 +106,8 @@ def jacobi_generate(
     (`init="prompt"`) or by copies of that token (`init="repeat"`). `generator` seeds each row
     (its guesses and, unless `sampling.seed` is set, its samples; row i of a seeded `sampling`
     uses seed + i). `on_tokens` streams each row's tokens as they are verified; `logprobs=k`
-    returns each token's log-probability and its k likeliest alternatives. `pad_token_id` fills
+    returns each token's log-probability and its k likeliest alternatives. `decoding` turns on
+    drafting beyond the paper's rule (`cllm.drafts.DecodingOptions`). `pad_token_id` fills
     padding and a finished block's unused tail; padding never changes the output (pass
     `cllm.hf.pad_id(tokenizer)` to keep trajectories readable)."""
     prompts = _prompts(input_ids, attention_mask)
@@ -113,6 +119,7 @@ def jacobi_generate(
         logprobs=logprobs,
         init=init,
         return_trajectories=return_trajectories,
+        decoding=decoding,
     )
     generator = generator if generator is not None else torch.Generator().manual_seed(0)
     seeds = torch.randint(0, 2**62, (len(prompts),), generator=generator).tolist()

@@ -27,13 +27,16 @@ def _cell(value: float | None, digits: int = 2, percent: bool = False) -> str:
 def markdown_table(rows: Sequence[ReportRow]) -> str:
     """The rows as a Markdown table in the spirit of the paper's Table 1."""
     header = (
-        "| model | decoding | n | TPF | tokens/s | speedup | accuracy | exact match | identical to baseline "
+        "| model | decoding | n | TPF | iterations/block | fed/iteration | tokens/s | speedup | vs Jacobi "
+        "| accuracy | exact match | identical to baseline "
         "| common prefix | held-out loss | repetition | fast-fwd/block | stationary/block |\n"
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n"
     )
     lines = [
         f"| {r.model} | {r.decoding} | {r.n_token} | {_cell(r.tokens_per_forward)} "
-        f"| {_cell(r.tokens_per_second, 1)} | {_cell(r.speedup)}× | {_cell(r.accuracy, percent=True)} "
+        f"| {_cell(r.iterations_per_block)} | {_cell(r.fed_per_iteration, 1)} "
+        f"| {_cell(r.tokens_per_second, 1)} | {_cell(r.speedup)}× | {_cell(r.speedup_over_jacobi)}× "
+        f"| {_cell(r.accuracy, percent=True)} "
         f"| {_cell(r.exact_match, percent=True)} | {_cell(r.agreement_with_baseline, percent=True)} "
         f"| {_cell(r.common_prefix_with_baseline, percent=True)} "
         f"| {_cell(r.heldout_loss, 3)} | {_cell(r.repetition, percent=True)} "
@@ -57,7 +60,7 @@ def _pyplot():
 
 def plot_speedup(rows: Sequence[ReportRow], path: Path) -> None:
     plt = _pyplot()
-    labels = [f"{r.model}\n{r.decoding}" + (f" n={r.n_token}" if r.decoding == "jacobi" else "") for r in rows]
+    labels = [f"{r.model}\n{r.decoding}" + (f" n={r.n_token}" if r.decoding != "ar" else "") for r in rows]
     colors = ["tab:gray" if r.decoding == "ar" else "tab:blue" for r in rows]
     figure, axes = plt.subplots(figsize=(max(4.0, 1.3 * len(rows)), 3.8))
     bars = axes.bar(range(len(rows)), [r.speedup for r in rows], color=colors)
@@ -77,10 +80,10 @@ def plot_tpf_histogram(evaluations: Sequence[ModelEvaluation], path: Path) -> No
     figure, axes = plt.subplots(figsize=(6, 3.8))
     for evaluation in evaluations:
         for run in evaluation.runs:
-            if run.decoding != "jacobi":
+            if run.decoding == "ar":
                 continue
             values = [row.tokens_per_forward for row in run.per_prompt]
-            axes.hist(values, bins=20, alpha=0.55, label=f"{evaluation.name} n={run.n_token}")
+            axes.hist(values, bins=20, alpha=0.55, label=f"{evaluation.name} {run.decoding} n={run.n_token}")
     axes.axvline(1.0, color="black", linewidth=0.8, linestyle="--")
     axes.set_xlabel("tokens per forward (per prompt)")
     axes.set_ylabel("prompts")

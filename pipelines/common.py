@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from cllm.storage import storage_options
-from cllm_raytools import quiet_libraries  # noqa: F401  (pipelines/evaluate.py imports it from here still)
 
 FAULT_MARKER_ENV = "CLLM_TEST_FAULT_MARKER"
 MODEL_HELP = "hub id, local or s3:// directory, or toy / toy-math / toy-sql / toy-code"

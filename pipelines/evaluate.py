@@ -21,6 +21,7 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from cllm.drafts import TECHNIQUES, DecodingOptions, variant
 from cllm.evaluation import (
     Contender,
     DecodeSettings,
@@ -38,7 +39,8 @@ from cllm.progress import Progress
 from cllm.prompts import PromptRecord, load_prompts
 from cllm.report import REPORT_MD, markdown_table, visible_token, write_report
 from cllm.storage import storage_options
-from cllm_pipelines.common import quiet_libraries
+from cllm_pipelines.common import add_s3_endpoint_flag, add_seed_flag
+from cllm_raytools import quiet_libraries
 
 
 @dataclass
@@ -55,6 +57,7 @@ class EvaluateConfig:
     seed: int
     repeats: int
     s3_endpoint: str | None = None  # of an S3-compatible store holding --prompts
+    drafting: dict[str, DecodingOptions] | None = None  # Jacobi variants by name (None: the paper's rule)
 
 
 def _model_spec(text: str) -> tuple[str, str]:
@@ -82,11 +85,28 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts decoded together (default: 1, as in the paper)")
     parser.add_argument("--output", default="runs/evaluate", help="report directory (default: runs/evaluate)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the Jacobi initial guesses")
+    add_seed_flag(parser, help_text="seed of the Jacobi initial guesses")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed decodes per batch and method, the fastest counts (default: 3)")
-    parser.add_argument("--s3-endpoint", default=None, help="endpoint URL of an S3-compatible store for --prompts")
+    add_s3_endpoint_flag(parser, help_text="endpoint URL of an S3-compatible store for --prompts")
+    drafting = parser.add_argument_group("drafting beyond the paper's rule (cllm.drafts; outputs stay exactly AR's)")
+    drafting.add_argument("--drafting", nargs="+", default=["paper"], choices=["paper", *TECHNIQUES, "all"],
+                          help="Jacobi variants, each a row per block size: the paper's rule, each technique "
+                               "alone, or all together (default: paper)")
+    drafting.add_argument("--recycle-candidates", type=int, default=2,
+                          help="n-grams verified beside the window per forward (default: 2)")
+    drafting.add_argument("--recycle-length", type=int, default=4, help="tokens per n-gram (default: 4)")
+    drafting.add_argument("--blocks-in-flight", type=int, default=2, help="blocks refined at once (default: 2)")
+    drafting.add_argument("--next-block-share", type=float, default=0.85,
+                          help="share of the active block verified before the next one starts (default: 0.85)")
     args = parser.parse_args(argv)
+    try:
+        techniques = DecodingOptions(
+            lookup=True, recycle_candidates=args.recycle_candidates, recycle_length=args.recycle_length,
+            blocks_in_flight=args.blocks_in_flight, next_block_share=args.next_block_share,
+        )
+    except ValueError as error:
+        parser.error(str(error))
     models = dict(args.models)
     if len(models) != len(args.models):
         parser.error("model names must be unique")
@@ -98,6 +118,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
         n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens, limit=args.limit or None,
         batch_size=args.batch_size, output=args.output, seed=args.seed,
         repeats=args.repeats, s3_endpoint=args.s3_endpoint,
+        drafting={name: variant(name, techniques) for name in dict.fromkeys(args.drafting)},
     )
 
 
@@ -151,7 +172,7 @@ def main(argv: list[str] | None = None) -> list[ReportRow]:
     loaded = [load(name, path, config) for name, path in config.models.items()]
     settings = DecodeSettings(
         n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,
-        repeats=config.repeats,
+        repeats=config.repeats, drafting=config.drafting or DecodeSettings().drafting,
     )
     print(f"timing AR vs Jacobi n={config.n_tokens}, models interleaved batch by batch", file=sys.stderr, flush=True)
     progress = Progress("evaluate", math.ceil(len(loaded[0].records) / config.batch_size), unit="batches")

@@ -29,6 +29,7 @@ from ray import serve
 
 from cllm import Engine, FinishedRequest, RequestParams, SamplingParams, load_model
 from cllm.detokenize import TextAssembler
+from cllm.drafts import PAPER, DecodingOptions
 from cllm.hf import context_length, encode_chat, eos_ids, pad_id
 from cllm_serve.batching import (
     Accepted,
@@ -62,6 +63,19 @@ class DecoderSettings(BaseModel):
     max_batch_size: int = Field(default=8, ge=1, description="rows decoded together")
     batch_wait_ms: float = Field(default=5.0, ge=0, description="scheduler=dynamic: wait for company")
     max_prefill_tokens: int = Field(default=8192, ge=1, description="prompt tokens admitted per step")
+    # Drafting beyond the paper's rule (cllm.drafts.DecodingOptions); requests may override each.
+    lookup: bool = Field(default=False, description="a new block's guesses continue matches in the text")
+    recycle_candidates: int = Field(default=0, ge=0, description="n-grams verified beside each window")
+    recycle_length: int = Field(default=4, ge=1, description="tokens per recycled n-gram")
+    blocks_in_flight: int = Field(default=1, ge=1, description="blocks refined in one forward")
+    next_block_share: float = Field(default=0.85, gt=0, le=1, description="share verified before the next block")
+
+    @property
+    def drafting(self) -> DecodingOptions:
+        return DecodingOptions(
+            lookup=self.lookup, recycle_candidates=self.recycle_candidates, recycle_length=self.recycle_length,
+            blocks_in_flight=self.blocks_in_flight, next_block_share=self.next_block_share,
+        )
 
 
 Prompt = str | tuple[int, ...]
@@ -97,12 +111,14 @@ class PreparedRequest:
     prompt_ids: list[list[int]]  # one list per prompt (chat: one)
     max_tokens: list[int]  # per prompt
     n_token: int
+    drafting: DecodingOptions = PAPER
 
 
 @serve.deployment(name="Decoder")
 class Decoder:
     def __init__(self, settings: DecoderSettings):
         self._settings = settings
+        self._drafting = settings.drafting  # checked before the model loads
         self._model, self._tokenizer = load_model(settings.model)
         self._context_length = context_length(self._model.config, self._tokenizer)
         self._eos = eos_ids(self._tokenizer, self._model.generation_config)
@@ -287,6 +303,7 @@ class Decoder:
             sampling=sampling,
             logprobs=params.logprobs,
             prompt_logprobs=params.prompt_logprobs,
+            decoding=prepared.drafting,
         )
         return EngineJob(prepared.prompt_ids[prompt], row_params, stream)
 
@@ -299,20 +316,25 @@ class Decoder:
             )
         if refused := self._out_of_vocabulary(params.stop_token_ids, "stop_token_ids"):
             return refused
+        try:
+            drafting = replace(self._drafting, **dict(params.drafting))
+        except ValueError as error:
+            return Rejected(f"drafting: {error}", param="drafting", code="invalid_value")
         prompts: list[list[int]] = []
         limits: list[int] = []
         for prompt in self._prompts(request):
             prompt_ids = self._prompt_ids(prompt, "messages" if request.messages is not None else "prompt")
             if isinstance(prompt_ids, Rejected):
                 return prompt_ids
-            max_tokens = self._max_tokens(len(prompt_ids), params, n_token)
+            window = n_token * drafting.blocks_in_flight if n_token > 1 else 1
+            max_tokens = self._max_tokens(len(prompt_ids), params, window)
             if isinstance(max_tokens, Rejected):
                 return max_tokens
             prompts.append(prompt_ids)
             limits.append(max_tokens)
         if not prompts:
             return Rejected("the prompt must not be empty", param="prompt", code="invalid_value")
-        return PreparedRequest(prompts, limits, n_token)
+        return PreparedRequest(prompts, limits, n_token, drafting)
 
     def _out_of_vocabulary(self, tokens: Sequence[int], param: str) -> Rejected | None:
         vocab_size = self._model.config.vocab_size
@@ -340,16 +362,16 @@ class Decoder:
             return Rejected("the prompt must not be empty", param=param, code="invalid_value")
         return ids
 
-    def _max_tokens(self, prompt_tokens: int, params: DecodeParams, n_token: int) -> int | Rejected:
+    def _max_tokens(self, prompt_tokens: int, params: DecodeParams, window: int) -> int | Rejected:
         requested, fallback = params.max_tokens, params.default_max_tokens
         if self._context_length is None:
             return requested or fallback or FALLBACK_MAX_TOKENS
-        # The last Jacobi block may reach n_token - 1 positions past the last kept token.
-        room = self._context_length - prompt_tokens - (n_token - 1)
+        # The last Jacobi window may reach window - 1 positions past the last kept token.
+        room = self._context_length - prompt_tokens - (window - 1)
         wanted = requested if requested is not None else min(fallback or room, room)
         if wanted <= room and wanted >= 1:
             return wanted
-        lookahead = f" plus {n_token - 1} positions of Jacobi lookahead" if n_token > 1 else ""
+        lookahead = f" plus {window - 1} positions of Jacobi lookahead" if window > 1 else ""
         return Rejected(
             f"This model's maximum context length is {self._context_length} tokens. However, you "
             f"requested {prompt_tokens + max(wanted, 1)} tokens ({prompt_tokens} in the prompt, "

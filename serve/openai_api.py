@@ -103,6 +103,7 @@ class DecodeParams:
     ignore_eos: bool = False
     echo: bool = False  # the prompt's text opens each choice
     n_token: int | None = None  # None: the decoder's block size
+    drafting: tuple[tuple[str, Any], ...] = ()  # (option, value) over the decoder's `DecodingOptions`
     seed: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
@@ -110,6 +111,19 @@ class DecodeParams:
     n: int = 1
     logprobs: int | None = None  # alternatives per token; None: no log-probabilities
     prompt_logprobs: int | None = None  # the same for the prompt's tokens (echo with logprobs)
+
+
+class Drafting(BaseModel):
+    """Per-request drafting beyond the paper's rule (extension; `cllm.drafts.DecodingOptions`):
+    each field given overrides the server's setting. The text is the same either way."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    lookup: bool | None = None
+    recycle_candidates: int | None = Field(default=None, ge=0, le=8)
+    recycle_length: int | None = Field(default=None, ge=1, le=16)
+    blocks_in_flight: int | None = Field(default=None, ge=1, le=4)
+    next_block_share: float | None = Field(default=None, gt=0, le=1)
 
 
 class StreamOptions(BaseModel):
@@ -139,6 +153,7 @@ class _GenerationParameters(BaseModel):
     frequency_penalty: float | None = None
     logit_bias: dict[str, float] | None = None
     n_token: int | None = Field(default=None, ge=1, description="Jacobi block size (extension)")
+    drafting: Drafting | None = None
     # vLLM's extensions
     stop_token_ids: list[int] | None = Field(default=None, max_length=MAX_STOP_TOKEN_IDS)
     ignore_eos: bool | None = None
@@ -202,6 +217,7 @@ class _GenerationParameters(BaseModel):
             ignore_eos=bool(self.ignore_eos),
             echo=self.echoes_prompt,
             n_token=self.n_token,
+            drafting=tuple(self.drafting.model_dump(exclude_none=True).items()) if self.drafting else (),
             seed=self.seed,
             temperature=defaults.default_temperature if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p,

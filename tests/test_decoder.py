@@ -387,3 +387,20 @@ def test_health_fails_when_no_decoder_answers():
             asyncio.run(health(ingress(answer)))
         assert refused.value.status_code == 503 and refused.value.code == "unhealthy"
     assert asyncio.run(health(ingress(answering))) == {"status": "ok"}
+
+
+def test_drafting_options_change_no_text_and_bad_ones_are_refused(checkpoint):
+    """A replica drafting with every technique, and requests that turn them off or on, all give
+    greedy AR's text; an option out of range is the client's error."""
+    from cllm_serve.batching import Finished, Rejected, TextDelta
+
+    decoder = new_decoder(checkpoint, n_token=4, lookup=True, recycle_candidates=2, blocks_in_flight=2)
+    reference = Reference(checkpoint)
+    expected = reference.text("t5 t9 t5", 40)
+    for drafting in ((), (("lookup", False), ("recycle_candidates", 0), ("blocks_in_flight", 1)),
+                     (("recycle_length", 2), ("next_block_share", 0.5))):
+        events = asyncio.run(decoder.complete(decode_request("t5 t9 t5", max_tokens=40, drafting=drafting)))
+        assert isinstance(events[-1], Finished), events
+        assert "".join(event.text for event in events if isinstance(event, TextDelta)) == expected
+    refused = asyncio.run(decoder.complete(decode_request("t5", drafting=(("blocks_in_flight", 0),))))
+    assert isinstance(refused[0], Rejected) and refused[0].param == "drafting"

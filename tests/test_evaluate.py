@@ -259,3 +259,30 @@ def test_progress_is_reported_per_batch():
                             on_batch=lambda done, total: calls.append((done, total)))
     assert calls == [(1, 3), (2, 3), (3, 3)]
     assert [len(run.outputs) for run in runs["a"]] == [5, 5]
+
+
+def test_drafting_variants_get_a_row_each_with_the_same_outputs(tmp_path):
+    """Each drafting variant is a row per block size, with outputs identical to AR and its
+    wall-clock compared with the paper's rule at the same n."""
+    from cllm.drafts import PAPER, DecodingOptions, variant
+
+    everything = DecodingOptions(lookup=True, recycle_candidates=2, blocks_in_flight=2, next_block_share=0.5)
+    drafting = {name: variant(name, everything) for name in ("paper", "lookup", "recycle", "multi-block", "all")}
+    assert drafting["paper"] == PAPER and drafting["all"] == everything
+    settings = DecodeSettings(n_tokens=[4], max_new_tokens=12, batch_size=2, drafting=drafting)
+    contender = Contender("teacher", tiny_model("gpt2", vocab_size=VOCAB, seed=0), _prompts(4))
+    evaluation = ModelEvaluation("teacher", compare_decoding([contender], settings)["teacher"])
+    rows = report_rows([evaluation], "teacher")
+    assert [row.decoding for row in rows] == [
+        "ar", "jacobi", "jacobi+lookup", "jacobi+recycle", "jacobi+multi-block", "jacobi+all"
+    ]
+    assert all(row.agreement_with_baseline == 1.0 for row in rows)
+    plain = rows[1]
+    assert plain.speedup_over_jacobi is None and plain.fed_per_iteration > 1
+    for row in rows[2:]:
+        assert row.speedup_over_jacobi == pytest.approx(row.tokens_per_second / plain.tokens_per_second)
+    assert rows[-1].fed_per_iteration > plain.fed_per_iteration  # n-grams and a second block ride along
+    write_report([evaluation], "teacher", tmp_path)
+    assert (tmp_path / REPORT_MD).read_text().count("| jacobi+") == 4
+    with pytest.raises(ValueError, match="unknown drafting"):
+        variant("speculative", everything)

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from cllm import SamplingParams, ar_generate, jacobi_generate, sampling, tiny_model
+from cllm.drafts import PAPER, DecodingOptions
 
 VOCAB = 6
 LENGTH = 3
@@ -67,9 +68,11 @@ def chi_square_p_value(samples: list[list[int]], exact: dict[tuple[int, ...], fl
     return float(torch.special.gammaincc(torch.tensor(degrees / 2), torch.tensor(statistic / 2)))
 
 
-def sampled(model, params: SamplingParams, n_token: int) -> list[list[int]]:
+def sampled(model, params: SamplingParams, n_token: int, decoding: DecodingOptions = PAPER) -> list[list[int]]:
     prompts = torch.tensor([PROMPT] * SAMPLES)
-    return jacobi_generate(model, prompts, n_token=n_token, max_new_tokens=LENGTH, sampling=params).new_tokens
+    return jacobi_generate(
+        model, prompts, n_token=n_token, max_new_tokens=LENGTH, sampling=params, decoding=decoding
+    ).new_tokens
 
 
 SETTINGS = [
@@ -94,6 +97,31 @@ def test_the_test_catches_a_broken_acceptance_rule(model, monkeypatch):
     exact = exact_distribution(model, params)
     monkeypatch.setattr(sampling, "accept_drafts", lambda p, q, u, counts: counts)
     assert chi_square_p_value(sampled(model, params, 3), exact) < 1e-12
+
+
+DRAFTING = {
+    "lookup": DecodingOptions(lookup=True),
+    "recycle": DecodingOptions(recycle_candidates=2, recycle_length=2),
+    "two-blocks": DecodingOptions(blocks_in_flight=2, next_block_share=0.5),
+}
+
+
+@pytest.mark.parametrize("name", list(DRAFTING))
+def test_each_drafting_option_samples_exactly_ar(model, name):
+    """Guesses from the text, recycled n-grams and a second block are drafts like any other: the
+    speculative rule keeps the AR distribution (n_token 2, so 3 tokens span two blocks)."""
+    params = SETTINGS[0]
+    output = sampled(model, params, 2, DRAFTING[name])
+    assert chi_square_p_value(output, exact_distribution(model, params)) > P_VALUE_FLOOR
+
+
+@pytest.mark.parametrize("name", list(DRAFTING))
+def test_the_test_catches_a_broken_rule_under_each_option(model, monkeypatch, name):
+    """The same test has the power to see a broken acceptance rule with each option's drafts."""
+    params = SETTINGS[0]
+    monkeypatch.setattr(sampling, "accept_drafts", lambda p, q, u, counts: counts)
+    output = sampled(model, params, 2, DRAFTING[name])
+    assert chi_square_p_value(output, exact_distribution(model, params)) < 1e-12
 
 
 def test_the_rejection_path_is_exercised(model):

@@ -155,6 +155,22 @@ def test_completion_equals_greedy_ar_with_usage(server):
 
 
 @slow
+def test_drafting_options_over_http_change_no_text(server):
+    """`drafting` in extra_body turns each technique on for one request: the text is the same."""
+    prompt = PROMPTS[0]
+    plain = server.client.completions.create(model=MODEL_NAME, prompt=prompt, max_tokens=40)
+    drafted = server.client.completions.create(
+        model=MODEL_NAME, prompt=prompt, max_tokens=40,
+        extra_body={"drafting": {"lookup": True, "recycle_candidates": 2, "blocks_in_flight": 2}},
+    )
+    assert drafted.choices[0].text == plain.choices[0].text == server.reference.text(prompt, 40)
+    bad = {"model": MODEL_NAME, "prompt": prompt, "drafting": {"blocks_in_flight": 0}}
+    assert error_of(server.post("/v1/completions", json=bad), 400)["param"].startswith("drafting")
+    unknown = {"model": MODEL_NAME, "prompt": prompt, "drafting": {"speculate": True}}
+    assert error_of(server.post("/v1/completions", json=unknown), 400)["param"].startswith("drafting")
+
+
+@slow
 def test_completion_from_token_ids(server):
     ids = server.reference.ids(PROMPTS[2])
     response = server.client.completions.create(model=MODEL_NAME, prompt=ids, max_tokens=16)
