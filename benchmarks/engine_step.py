@@ -10,6 +10,10 @@ in the same process:
 
     python benchmarks/engine_step.py                               # tiny Llama, batch 8, n = 16
     python benchmarks/engine_step.py --batch 1 8 32 --temperature 0.7
+    python benchmarks/engine_step.py --drafting recycle multi-block all   # each against the paper's rule
+
+With `--drafting`, each variant's iteration is also timed against the paper's rule at the same
+batch: the price of the wider forward (n-grams beside the window, a second block) on this device.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import torch
 
 from cllm import Engine, RequestParams, SamplingParams, tiny_model
 from cllm.cache import cache_kwargs, new_cache
+from cllm.drafts import PAPER, TECHNIQUES, DecodingOptions, variant
 
 
 @dataclass
@@ -79,7 +84,7 @@ def _timed(call, device: torch.device) -> float:
 
 def measure(
     model, batch: int, n_token: int = 16, prompt_tokens: int = 64, steps: int = 40,
-    sampling: SamplingParams | None = None,
+    sampling: SamplingParams | None = None, decoding: DecodingOptions = PAPER,
 ) -> StepFigures:
     """Figures of `steps` engine iterations at `batch` rows, each followed by a bare forward of
     the iterations' median shape, so that a shared machine's slow spells hit both alike."""
@@ -94,7 +99,8 @@ def measure(
 
     for _ in range(batch):
         prompt = torch.randint(3, vocab, (prompt_tokens,), generator=generator).tolist()
-        engine.add_request(prompt, RequestParams(max_new_tokens=100_000, n_token=n_token, sampling=sampling), count)
+        params = RequestParams(max_new_tokens=100_000, n_token=n_token, sampling=sampling, decoding=decoding)
+        engine.add_request(prompt, params, count)
     shapes: list[tuple[int, int]] = []
     inside: list[float] = []
 
@@ -155,12 +161,30 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
+    parser.add_argument("--drafting", nargs="*", default=[], choices=[*TECHNIQUES, "all"],
+                        help="also time these drafting variants (recycling 2 n-grams of 4, 2 blocks)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = tiny_model("llama", vocab_size=128, seed=0, max_position_embeddings=4096)
     sampling = SamplingParams(temperature=args.temperature)
     figures = [measure(model, batch, args.n_token, steps=args.steps, sampling=sampling) for batch in args.batch]
     report(figures, f"tiny Llama on CPU, n = {args.n_token}, temperature {args.temperature}")
+    report_drafting(model, args, figures)
+
+
+def report_drafting(model, args: argparse.Namespace, plain: list[StepFigures]) -> None:
+    """Each variant's iteration time over the paper's rule's (measured just before, same batch)."""
+    if not args.drafting:
+        return
+    everything = DecodingOptions(lookup=True, recycle_candidates=2, recycle_length=4, blocks_in_flight=2)
+    sampling = SamplingParams(temperature=args.temperature)
+    print("== drafting variants: iteration time over the paper's rule")
+    for name in args.drafting:
+        for base in plain:
+            figures = measure(model, base.batch, args.n_token, steps=args.steps, sampling=sampling,
+                              decoding=variant(name, everything))
+            print(f"{name:>12} batch {base.batch:>3}: step {figures.step_ms:.2f} ms = "
+                  f"{figures.step_ms / base.step_ms:.2f}x the paper's rule")
 
 
 if __name__ == "__main__":

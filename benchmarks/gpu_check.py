@@ -7,7 +7,8 @@
    relative to a 1-token step, and Jacobi/AR wall-clock ratios at batch 1 and 8.
 3. The engine on a 7B-shaped random Llama in bf16 (benchmarks/engine_step.py): time per
    iteration over a bare forward of the same shape, and throughput at batch 1, 8 and 32, greedy
-   and at temperature 0.7.
+   and at temperature 0.7; and the cost of the wider forwards that drafting beyond the paper's
+   rule feeds (n + recycled n-grams, two blocks) against n and against 1 token.
 
     python benchmarks/gpu_check.py            # all three
     python benchmarks/gpu_check.py engine     # only the engine check
@@ -115,6 +116,10 @@ def check_engine(device: torch.device) -> None:
             for batch in (1, 8, 32)
         ]
         engine_step.report(figures, f"engine, random 7B-shaped Llama, bf16, n = 16, temperature {temperature}")
+    one, block = forward_cost(model, 512, 1), forward_cost(model, 512, 16)
+    for width, what in ((24, "n + 2 n-grams of 4"), (32, "two blocks"), (40, "two blocks + 2 n-grams")):
+        cost = forward_cost(model, 512, width)
+        print(f"forward of {width} tokens ({what}): {cost / block:.2f}x a 16-token block, {cost / one:.2f}x 1 token")
     del model
     torch.cuda.empty_cache()
 
