@@ -7,6 +7,33 @@ import sys
 import time
 from typing import TextIO
 
+_PREFIXES = ((1e9, "G"), (1e6, "M"), (1e3, "k"))
+
+
+def scaled(value: float, reference: float) -> tuple[float, str]:
+    """`value` under the SI prefix (k, M, G or none) that puts `reference` at 1 to 999."""
+    for factor, prefix in _PREFIXES:
+        if abs(reference) >= factor:
+            return value / factor, prefix + " "
+    return value, ""
+
+
+def format_count(done: float, total: float, unit: str) -> str:
+    """`done/total unit`, whole numbers below 10,000 (`60/100 steps`), otherwise in the
+    total's prefix with two decimals, so the count moves (`1.23/5.00 M tokens`)."""
+    if total < 10_000:
+        return f"{done:.0f}/{total:.0f} {unit}"
+    scaled_done, prefix = scaled(done, total)
+    return f"{scaled_done:.2f}/{scaled(total, total)[0]:.2f} {prefix}{unit}"
+
+
+def format_rate(rate: float, unit: str) -> str:
+    """Units per second in the rate's own prefix, so it moves (`5.51 k tokens/s`), with three
+    significant digits below 1 (`0.0417 steps/s`) and none from 100 (`950 tokens/s`)."""
+    value, prefix = scaled(rate, rate)
+    digits = ".3g" if 0 < value < 1 else ".0f" if value >= 100 else ".2f"
+    return f"{value:{digits}} {prefix}{unit}/s"
+
 
 def format_seconds(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
@@ -16,7 +43,8 @@ def format_seconds(seconds: float) -> str:
 
 class Progress:
     """`update(done, detail)` reports `done` out of `total` units; the line shows the share,
-    the rate, the elapsed time and an ETA. `start` is work done before this run (a resumed job),
+    the count and the rate (in k, M or G of the unit where they are large), the elapsed time
+    and an ETA. `start` is work done before this run (a resumed job),
     counted in the share but not in the rate."""
 
     def __init__(self, description: str, total: float, unit: str = "it", stream: TextIO | None = None,
@@ -39,8 +67,8 @@ class Progress:
         eta = (self.total - self.done) / rate if rate > 0 else float("inf")
         eta_text = format_seconds(eta) if eta != float("inf") else "?"
         detail = f" {self.detail}" if self.detail else ""
-        return (f"{self.description}: {share:4.0%} {self.done:.0f}/{self.total:.0f} {self.unit} "
-                f"[{format_seconds(elapsed)} < {eta_text}, {rate:.2f} {self.unit}/s]{detail}")
+        return (f"{self.description}: {share:4.0%} {format_count(self.done, self.total, self.unit)} "
+                f"[{format_seconds(elapsed)} < {eta_text}, {format_rate(rate, self.unit)}]{detail}")
 
     def update(self, done: float, detail: str = "") -> None:
         self.done, self.detail = done, detail

@@ -1,4 +1,5 @@
-"""The progress line: share, rate and ETA, a resumed run's rate, and one summary line."""
+"""The progress line: share, rate and ETA, a resumed run's rate, one summary line, and large
+counts and rates in k, M or G of their unit."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import re
 
 import pytest
 
-from cllm.progress import Progress
+from cllm.progress import Progress, format_count, format_rate
 
 
 class Clock:
@@ -67,3 +68,30 @@ def test_a_resumed_run_counts_only_its_own_work_in_the_rate(clock):
     assert "76% 760/1000 steps" in line
     assert float(re.search(r"([\d.]+) steps/s", line).group(1)) == 1.0  # 10 steps in 10 s, not 760
     assert "< 4m00s" in line  # 240 steps left at 1 step/s
+
+
+def test_large_counts_and_rates_print_in_units_that_move(clock):
+    stream = io.StringIO()
+    progress = Progress("[toy-math] training", total=5_000_000, unit="tokens", stream=stream)
+    clock.now = 10.0
+    progress.update(55_000)  # 5.5 k tokens/s: 0.00 M tokens/s in the old M-token units
+    clock.now = 220.0
+    progress.update(1_234_000)
+    first, second = shown_lines(stream)
+    assert "1% 0.06/5.00 M tokens" in first and "5.50 k tokens/s" in first
+    assert "25% 1.23/5.00 M tokens" in second and "5.61 k tokens/s" in second
+
+
+@pytest.mark.parametrize(("rate", "text"), [
+    (0.0, "0.00 steps/s"), (0.04166, "0.0417 steps/s"), (3.5, "3.50 steps/s"), (950.4, "950 steps/s"),
+    (12_345.0, "12.35 k steps/s"), (2_500_000.0, "2.50 M steps/s"),
+])
+def test_rate_units(rate, text):
+    assert format_rate(rate, "steps") == text
+
+
+@pytest.mark.parametrize(("done", "total", "text"), [
+    (60, 100, "60/100 steps"), (3000, 3000, "3000/3000 steps"), (12_340, 50_000, "12.34/50.00 k steps"),
+])
+def test_count_units(done, total, text):
+    assert format_count(done, total, "steps") == text

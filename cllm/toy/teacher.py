@@ -198,7 +198,7 @@ def train_teacher(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
         model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay,
     )
     report = TrainingReport()
-    progress = Progress(f"[toy-{config.domain}] training", config.train_tokens / 1e6, unit="M tokens")
+    progress = Progress(f"[toy-{config.domain}] training", config.train_tokens, unit="tokens")
     start, cpu_start = time.monotonic(), time.process_time()
     smoothed = None
     model.train()
@@ -222,7 +222,7 @@ def train_teacher(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast,
             report.tokens += int(mask.sum())
             smoothed = loss.item() if smoothed is None else 0.95 * smoothed + 0.05 * loss.item()
             report.seconds = time.monotonic() - start
-            progress.update(min(report.tokens, config.train_tokens) / 1e6, f"step {report.steps} loss {smoothed:.3f}")
+            progress.update(min(report.tokens, config.train_tokens), f"step {report.steps} loss {smoothed:.3f}")
             if config.max_seconds is not None and report.seconds > config.max_seconds:
                 report.stopped_early = True
                 break
