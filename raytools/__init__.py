@@ -7,11 +7,27 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import sys
 import time
 from dataclasses import dataclass
 
-import ray
+# Lines that Ray's processes print and that ask nothing of a user of these recipes; the driver
+# drops them from what workers and the raylet forward to it, by Ray's documented setting
+# RAY_DEDUP_LOGS_SKIP_REGEX (docs.ray.io: "Configuring Logging", log deduplication). Ray reads
+# it when imported, so it is set before `import ray`; a user's own setting wins.
+RAY_NOISE = "|".join((
+    # Ray Data's actor pools and Ray Train's watcher pass their own ObjectRefs to restartable
+    # actors (ray-project/ray#53727); nothing in the recipes' arguments causes it.
+    r"has constructor arguments in the object store",
+    r"PYTHON worker processes have been started",  # Ray's helper actors on a small node
+    r"Progress bars disabled",  # the recipes print their own progress line
+    r"ExecutionOptions.exclude_resources. is deprecated|self\.exclude_resources = exclude_resources",  # Ray Train
+    r"DeepSpeed \S+ built successfully",  # DeepSpeed loading its CPU comm op
+))
+os.environ.setdefault("RAY_DEDUP_LOGS_SKIP_REGEX", RAY_NOISE)
+
+import ray  # noqa: E402  (after the setting above)
 
 PENDING_REPORT_INTERVAL_S = 30.0
 
@@ -27,25 +43,43 @@ def quiet_libraries() -> None:
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")
     transformers.utils.logging.disable_progress_bar()
     logging.getLogger("ray.data").setLevel(logging.WARNING)  # configured already if ray.data was imported
+    # Ray Data warns once per process that its bars are off, which is the point
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)
 
 
 def init_ray(min_logical_cpus: int) -> None:
     """Join the cluster that RAY_ADDRESS names (as under `ray job submit`); otherwise start a
     local Ray with at least `min_logical_cpus` logical CPUs. On a 2-core machine the stage's own
     actors or training workers would otherwise hold every CPU and starve Ray Data's tasks.
-    Ray's INFO logs (in this process and in every worker) stay out of the output."""
+    Ray's INFO logs (in this process and in every worker) and RAY_NOISE stay out of the output."""
     import ray.data
 
     quiet_libraries()
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():  # a caller (demo, benchmark, test) started Ray already
         return
+    skip_noise_lines()
     quiet = {"logging_config": ray.LoggingConfig(log_level="WARNING"), "log_to_driver": True}
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":
         ray.init(**quiet)
     else:
+        # Ray's default for a new local cluster is token authentication, which it announces at
+        # every start with a warning; the setting (RAY_AUTH_MODE) stays the user's.
+        logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_logical_cpus), **quiet)
+
+
+def skip_noise_lines() -> None:
+    """RAY_DEDUP_LOGS_SKIP_REGEX for a process that imported Ray before this module (Ray read
+    the setting then): hand the pattern to Ray's forwarded-log filters, where they have none."""
+    from ray._private import ray_logging
+
+    pattern = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
+    for deduplicator in (getattr(ray_logging, "stdout_deduplicator", None),
+                         getattr(ray_logging, "stderr_deduplicator", None)):
+        if pattern and deduplicator is not None and getattr(deduplicator, "skip_re", True) is None:
+            deduplicator.skip_re = re.compile(pattern)
 
 
 @dataclass(frozen=True)
