@@ -27,7 +27,7 @@ import torch
 
 from cllm import Engine, RequestParams, SamplingParams, tiny_model
 from cllm.cache import cache_kwargs, new_cache
-from cllm.drafts import PAPER, TECHNIQUES, DecodingOptions, variant
+from cllm.drafts import PAPER, DecodingOptions, variant
 
 
 @dataclass
@@ -161,8 +161,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40)
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (the machine is shared)")
-    parser.add_argument("--drafting", nargs="*", default=[], choices=[*TECHNIQUES, "all"],
-                        help="also time these drafting variants (recycling 2 n-grams of 4, 2 blocks)")
+    parser.add_argument("--drafting", nargs="*", default=[], metavar="VARIANT",
+                        help="also time these drafting variants (names as in evaluate --drafting)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model = tiny_model("llama", vocab_size=128, seed=0, max_position_embeddings=4096)
@@ -176,7 +176,8 @@ def report_drafting(model, args: argparse.Namespace, plain: list[StepFigures]) -
     """Each variant's iteration time over the paper's rule's (measured just before, same batch)."""
     if not args.drafting:
         return
-    everything = DecodingOptions(lookup=True, recycle_candidates=2, recycle_length=4, blocks_in_flight=2)
+    everything = DecodingOptions(lookup=True, recycle_candidates=2, recycle_length=4, blocks_in_flight=2,
+                                 next_block_share=0.1)
     sampling = SamplingParams(temperature=args.temperature)
     print("== drafting variants: iteration time over the paper's rule")
     for name in args.drafting:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 MAX_CONTEXT = 3  # the longest suffix matched; longer contexts rarely recur in short answers
 
@@ -29,7 +29,7 @@ class DecodingOptions:
         many tokens that continue the last verified token (from the text, and from drafts that
         earlier iterations rejected); the longest that the model confirms becomes the next drafts.
     blocks_in_flight, next_block_share: once the active block has verified this share of its
-        tokens, the next block is drafted behind it in the same forwards (up to this many blocks).
+        tokens, the next blocks_in_flight - 1 blocks are drafted behind it in the same forwards.
     """
 
     lookup: bool = False
@@ -59,19 +59,23 @@ TECHNIQUES = ("lookup", "recycle", "multi-block")
 
 
 def variant(name: str, settings: DecodingOptions) -> DecodingOptions:
-    """The paper's rule with one technique of `settings` turned on ("lookup", "recycle",
-    "multi-block"), all of them ("all"), or none ("paper"): for measuring each alone."""
-    if name == "paper":
-        return PAPER
-    if name == "all":
-        return settings
-    if name == "lookup":
-        return DecodingOptions(lookup=True)
-    if name == "recycle":
-        return DecodingOptions(recycle_candidates=settings.recycle_candidates, recycle_length=settings.recycle_length)
-    if name == "multi-block":
-        return DecodingOptions(blocks_in_flight=settings.blocks_in_flight, next_block_share=settings.next_block_share)
-    raise ValueError(f"unknown drafting variant {name!r}; choose from paper, {', '.join(TECHNIQUES)}, all")
+    """The paper's rule with the techniques that `name` lists ("recycle", "lookup+multi-block",
+    ...) turned on as `settings` has them; "all" turns on every one, "paper" none."""
+    techniques = TECHNIQUES if name == "all" else () if name == "paper" else tuple(name.split("+"))
+    unknown = [technique for technique in techniques if technique not in TECHNIQUES]
+    if unknown or not techniques and name != "paper":
+        raise ValueError(f"unknown drafting variant {name!r}: give paper, all, or techniques of "
+                         f"{', '.join(TECHNIQUES)} joined by '+'")
+    options = PAPER
+    if "lookup" in techniques:
+        options = replace(options, lookup=True)
+    if "recycle" in techniques:
+        options = replace(options, recycle_candidates=settings.recycle_candidates,
+                          recycle_length=settings.recycle_length)
+    if "multi-block" in techniques:
+        options = replace(options, blocks_in_flight=settings.blocks_in_flight,
+                          next_block_share=settings.next_block_share)
+    return options
 
 
 class NgramIndex:

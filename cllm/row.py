@@ -208,13 +208,11 @@ class Row:
         return guesses
 
     def _window_size(self) -> int:
-        """The active block, and behind it each next block whose predecessor has verified its share."""
-        n, options = self.n_token, self.options
-        threshold = math.ceil(options.next_block_share * n)
-        blocks = 1
-        while blocks < options.blocks_in_flight and self.cached + 1 - (blocks - 1) * n >= threshold:
-            blocks += 1
-        return blocks * n
+        """The active block, and once it has verified its share, the next blocks behind it (only
+        the active block's tokens are ever verified, so its share is the one signal there is)."""
+        options = self.options
+        started = self.cached + 1 >= math.ceil(options.next_block_share * self.n_token)
+        return self.n_token * (options.blocks_in_flight if started else 1)
 
     def _set_window(self, window: list[int], draft_probs: torch.Tensor | None) -> None:
         """Make `window` (with its drafts' distributions) the row's, cut or extended with guesses

@@ -90,9 +90,9 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
                         help="timed decodes per batch and method, the fastest counts (default: 3)")
     add_s3_endpoint_flag(parser, help_text="endpoint URL of an S3-compatible store for --prompts")
     drafting = parser.add_argument_group("drafting beyond the paper's rule (cllm.drafts; outputs stay exactly AR's)")
-    drafting.add_argument("--drafting", nargs="+", default=["paper"], choices=["paper", *TECHNIQUES, "all"],
-                          help="Jacobi variants, each a row per block size: the paper's rule, each technique "
-                               "alone, or all together (default: paper)")
+    drafting.add_argument("--drafting", nargs="+", default=["paper"], metavar="VARIANT",
+                          help=f"Jacobi variants, each a row per block size: paper (the paper's rule), all, or "
+                               f"techniques among {', '.join(TECHNIQUES)} joined by '+' (default: paper)")
     drafting.add_argument("--recycle-candidates", type=int, default=2,
                           help="n-grams verified beside the window per forward (default: 2)")
     drafting.add_argument("--recycle-length", type=int, default=4, help="tokens per n-gram (default: 4)")
@@ -105,6 +105,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
             lookup=True, recycle_candidates=args.recycle_candidates, recycle_length=args.recycle_length,
             blocks_in_flight=args.blocks_in_flight, next_block_share=args.next_block_share,
         )
+        drafting_variants = {name: variant(name, techniques) for name in dict.fromkeys(args.drafting)}
     except ValueError as error:
         parser.error(str(error))
     models = dict(args.models)
@@ -118,7 +119,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
         n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens, limit=args.limit or None,
         batch_size=args.batch_size, output=args.output, seed=args.seed,
         repeats=args.repeats, s3_endpoint=args.s3_endpoint,
-        drafting={name: variant(name, techniques) for name in dict.fromkeys(args.drafting)},
+        drafting=drafting_variants,
     )
 
 

@@ -284,5 +284,9 @@ def test_drafting_variants_get_a_row_each_with_the_same_outputs(tmp_path):
     assert rows[-1].fed_per_iteration > plain.fed_per_iteration  # n-grams and a second block ride along
     write_report([evaluation], "teacher", tmp_path)
     assert (tmp_path / REPORT_MD).read_text().count("| jacobi+") == 4
-    with pytest.raises(ValueError, match="unknown drafting"):
-        variant("speculative", everything)
+    assert variant("recycle+multi-block", everything) == DecodingOptions(
+        recycle_candidates=2, blocks_in_flight=2, next_block_share=0.5
+    )
+    for bad in ("speculative", "recycle+", "lookup+paper"):
+        with pytest.raises(ValueError, match="unknown drafting"):
+            variant(bad, everything)
