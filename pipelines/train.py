@@ -583,6 +583,16 @@ def check_batch_fills(records: int, what: str, settings: TrainSettings) -> None:
                          f"on {settings.common.workers} workers")
 
 
+def wait_for_free_cpus(timeout_s: float = 5.0) -> None:
+    """Ray's view of free resources trails tasks that just finished (the reader's sampling
+    tasks) by a moment; executing a dataset while it still shows no free CPU draws Ray Data's
+    warning that the job will hang, for nothing. Wait for the view, at most `timeout_s`: a
+    cluster that really has no free CPU still gets the warning."""
+    deadline = time.monotonic() + timeout_s
+    while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+        time.sleep(0.1)
+
+
 def training_data(settings: TrainSettings, inputs: TrainInputs) -> tuple[ray.data.Dataset, int]:
     """The trajectories as a materialized Ray dataset (one record per response for Jacobi
     Forcing), and its record count."""
@@ -594,6 +604,7 @@ def training_data(settings: TrainSettings, inputs: TrainInputs) -> tuple[ray.dat
     # few hundred small shards, which on 2 cores took 4x longer than V1's read tasks.
     ray.data.DataContext.get_current().use_datasource_v2 = False
     dataset = ray.data.read_parquet(inputs.shards, filesystem=data_filesystem).select_columns(list(ROW_FIELDS))
+    wait_for_free_cpus()
     if settings.noise is None:
         return dataset.materialize(), inputs.rows
     # Jacobi Forcing trains whole responses: one record per prompt. As many shuffle partitions as
