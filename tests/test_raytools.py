@@ -1,5 +1,5 @@
 """The resource check that the recipes and the server run before they start (no cluster: the
-cluster's totals are stubbed)."""
+cluster's totals are stubbed), and the Ray log lines that the driver skips."""
 
 from __future__ import annotations
 
@@ -37,3 +37,42 @@ def test_an_impossible_request_fails_at_once_and_a_pending_one_says_what_it_wait
     assert pending == [
         "pending: --workers 3 needs 3 CPUs; the cluster has 2; waiting up to 60 s more for nodes to join"
     ]
+
+
+RAY_NOISE_LINES = [
+    "[2026-12-03 12:53:12,714 E 8960 8998] core_worker.cc:2465: Actor with class name: 'PreemptionWatcher' and ID: "
+    "'ebd25c38' has constructor arguments in the object store and max_restarts > 0. If the arguments in the object "
+    "store go out of scope or are lost, the actor restart will fail.",
+    "[2026-12-03 10:33:42,076 W 27957 27957] (raylet) worker_pool.cc:1796: WARNING: 16 PYTHON worker processes have "
+    "been started on node: a065 with address: 192.0.2.2, which is 8x the maximum expected startup concurrency (2).",
+    "Progress bars disabled. To enable, set `ray.data.DataContext.get_current().enable_progress_bars = True`.",
+    "/v/ray/data/_internal/execution/interfaces/execution_options.py:436: RayDeprecationWarning: "
+    "`ExecutionOptions.exclude_resources` is deprecated and will be removed after January 2027.",
+    "  self.exclude_resources = exclude_resources",
+    "DeepSpeed deepspeed.ops.comm.deepspeed_shm_comm_op built successfully",
+]
+OUR_LINES = [
+    "train:  50% 1/2 steps [0m05s < 0m05s, 0.17 steps/s] loss 8.5394 states/s 3.7",
+    "train: finished step 2 of 2: loss 8.8969 (consistency 4.2664, AR 0.4631), 182.9 states/s",
+    "resuming from the checkpoint at step 10",
+    "Traceback (most recent call last):",
+]
+
+
+def test_ray_noise_is_skipped_from_forwarded_logs_and_our_lines_are_kept():
+    from ray._private.ray_logging import LogDeduplicator
+
+    deduplicator = LogDeduplicator(5, None, cllm_raytools.RAY_NOISE)
+    batches = deduplicator.deduplicate({"ip": "127.0.0.1", "pid": 1, "lines": RAY_NOISE_LINES + OUR_LINES})
+    assert [line for batch in batches for line in batch["lines"]] == OUR_LINES
+
+
+def test_a_process_that_imported_ray_first_gets_the_skip_pattern(monkeypatch):
+    from ray._private import ray_logging
+
+    monkeypatch.setenv("RAY_DEDUP_LOGS_SKIP_REGEX", cllm_raytools.RAY_NOISE)
+    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
+        monkeypatch.setattr(deduplicator, "skip_re", None)
+    cllm_raytools.skip_noise_lines()
+    assert ray_logging.stdout_deduplicator.skip_re.pattern == cllm_raytools.RAY_NOISE
+    assert ray_logging.stderr_deduplicator.skip_re.pattern == cllm_raytools.RAY_NOISE
