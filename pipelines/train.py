@@ -20,6 +20,9 @@ Face model with its tokenizer in <output>/hf.
 
 from __future__ import annotations
 
+import cllm_raytools  # noqa: F401  (first: it sets Ray's log filter, which Ray reads when imported)
+
+# isort: split
 import argparse
 import json
 import logging

@@ -7,7 +7,6 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import sys
 import time
 from dataclasses import dataclass
@@ -58,7 +57,6 @@ def init_ray(min_logical_cpus: int) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False
     if ray.is_initialized():  # a caller (demo, benchmark, test) started Ray already
         return
-    skip_noise_lines()
     quiet = {"logging_config": ray.LoggingConfig(log_level="WARNING"), "log_to_driver": True}
     address = os.environ.get("RAY_ADDRESS")
     if address and address != "local":
@@ -68,18 +66,6 @@ def init_ray(min_logical_cpus: int) -> None:
         # every start with a warning; the setting (RAY_AUTH_MODE) stays the user's.
         logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
         ray.init(address="local", num_cpus=max(os.cpu_count() or 1, min_logical_cpus), **quiet)
-
-
-def skip_noise_lines() -> None:
-    """RAY_DEDUP_LOGS_SKIP_REGEX for a process that imported Ray before this module (Ray read
-    the setting then): hand the pattern to Ray's forwarded-log filters, where they have none."""
-    from ray._private import ray_logging
-
-    pattern = os.environ.get("RAY_DEDUP_LOGS_SKIP_REGEX")
-    for deduplicator in (getattr(ray_logging, "stdout_deduplicator", None),
-                         getattr(ray_logging, "stderr_deduplicator", None)):
-        if pattern and deduplicator is not None and getattr(deduplicator, "skip_re", True) is None:
-            deduplicator.skip_re = re.compile(pattern)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,10 @@ cluster's totals are stubbed), and the Ray log lines that the driver skips."""
 
 from __future__ import annotations
 
+import ast
+import re
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,20 +62,20 @@ OUR_LINES = [
 ]
 
 
-def test_ray_noise_is_skipped_from_forwarded_logs_and_our_lines_are_kept():
-    from ray._private.ray_logging import LogDeduplicator
-
-    deduplicator = LogDeduplicator(5, None, cllm_raytools.RAY_NOISE)
-    batches = deduplicator.deduplicate({"ip": "127.0.0.1", "pid": 1, "lines": RAY_NOISE_LINES + OUR_LINES})
-    assert [line for batch in batches for line in batch["lines"]] == OUR_LINES
+def test_ray_noise_matches_the_noise_and_none_of_our_lines():
+    noise = re.compile(cllm_raytools.RAY_NOISE)
+    assert all(noise.search(line) for line in RAY_NOISE_LINES)
+    assert not any(noise.search(line) for line in OUR_LINES)
 
 
-def test_a_process_that_imported_ray_first_gets_the_skip_pattern(monkeypatch):
-    from ray._private import ray_logging
-
-    monkeypatch.setenv("RAY_DEDUP_LOGS_SKIP_REGEX", cllm_raytools.RAY_NOISE)
-    for deduplicator in (ray_logging.stdout_deduplicator, ray_logging.stderr_deduplicator):
-        monkeypatch.setattr(deduplicator, "skip_re", None)
-    cllm_raytools.skip_noise_lines()
-    assert ray_logging.stdout_deduplicator.skip_re.pattern == cllm_raytools.RAY_NOISE
-    assert ray_logging.stderr_deduplicator.skip_re.pattern == cllm_raytools.RAY_NOISE
+def test_every_module_that_imports_ray_sets_the_filter_first():
+    """Ray reads RAY_DEDUP_LOGS_SKIP_REGEX when it is imported: in a recipe, cllm_raytools comes
+    first. (`serve run` imports Ray itself, before the server's modules.)"""
+    root = Path(__file__).resolve().parents[1]
+    for path in root.glob("pipelines/*.py"):
+        imports = [node for node in ast.parse(path.read_text()).body if isinstance(node, ast.Import | ast.ImportFrom)]
+        names = [alias.name if isinstance(node, ast.Import) else node.module or ""
+                 for node in imports for alias in node.names]
+        first_ray = next((i for i, name in enumerate(names) if name == "ray" or name.startswith("ray.")), None)
+        if first_ray is not None:
+            assert "cllm_raytools" in names[:first_ray], path.name
