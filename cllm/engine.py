@@ -13,7 +13,8 @@ request that wants `prompt_logprobs`, prefilled alone). Then one forward advance
 every running row by one Jacobi iteration (`cllm.row`), whatever its block size, budget, sampling
 parameters or phase. Finished, aborted and failed rows leave at once and free their slot.
 `jacobi_generate` and `ar_generate` (`cllm.jacobi`) drive this same engine: there is one decoding
-loop.
+loop. Drafting beyond the paper's rule (`cllm.drafts`) rides in the same forward: a row's window
+may hold more than one block, and n-grams to verify follow it in the row, under a tree mask.
 
 Failures stay with their request: a prefill that raises (say, out of memory on one long prompt) is
 retried row by row and fails only the rows that still raise; an iteration that raises fails the
@@ -293,7 +294,7 @@ class Engine:
     def _iterate(self) -> None:
         rows = self._running
         try:
-            feeds, tree = self._feeds(rows)
+            feeds, tree, starts = self._feeds(rows)
             logits = self._forward(rows, feeds, tree=tree)
             self._forbid_early_stops(rows, logits, [len(row.output) + row.cached + 1 for row in rows])
             choices = self._choose(rows, logits, [row.drafts for row in rows])
@@ -310,33 +311,33 @@ class Engine:
                 choices.accepted[index], choices.proposals[index], choices.logprobs[index],
                 choices.sampled_probs.get(index),
             )
-            if row.candidates:
-                starts = [len(feeds[index]) - sum(map(len, row.candidates))]
-                for candidate in row.candidates[:-1]:
-                    starts.append(starts[-1] + len(candidate))
-                row.recycle(verified_before, choices.argmax[index], starts)
+            if starts[index]:
+                row.recycle(verified_before, choices.argmax[index], starts[index])
 
     @staticmethod
-    def _feeds(rows: list[Row]) -> tuple[list[list[int]], FeedTree | None]:
-        """Each row's window tokens, then the n-grams it verifies beside them: every n-gram
-        branches off the first fed token (the last verified one), so each of its tokens sees that
-        token and the n-gram's own earlier tokens, at the positions it would hold in the text."""
+    def _feeds(rows: list[Row]) -> tuple[list[list[int]], FeedTree | None, list[list[int]]]:
+        """Each row's window tokens, then the n-grams it verifies beside them (and where each
+        starts in the feed): every n-gram branches off the first fed token (the last verified
+        one), so each of its tokens sees that token and the n-gram's own earlier tokens, at the
+        positions it would hold in the text."""
         candidates = [row.next_candidates() for row in rows]
-        feeds = [row.feed + [token for candidate in row_candidates for token in candidate]
-                 for row, row_candidates in zip(rows, candidates)]
+        feeds = [list(row.feed) for row in rows]
+        starts: list[list[int]] = [[] for _ in rows]
+        for feed, row_starts, row_candidates in zip(feeds, starts, candidates):
+            for candidate in row_candidates:
+                row_starts.append(len(feed))
+                feed.extend(candidate)
         if not any(candidates):
-            return feeds, None
+            return feeds, None, starts
         width = max(map(len, feeds))
         offsets = torch.arange(width).repeat(len(rows), 1)
         visible = torch.ones(width, width, dtype=torch.bool).tril().repeat(len(rows), 1, 1)
-        for index, (row, row_candidates) in enumerate(zip(rows, candidates)):
-            start = len(row.feed)
-            for candidate in row_candidates:
+        for index, (row_starts, row_candidates) in enumerate(zip(starts, candidates)):
+            for start, candidate in zip(row_starts, row_candidates):
                 span = slice(start, start + len(candidate))
                 offsets[index, span] = torch.arange(1, len(candidate) + 1)
                 visible[index, span, 1:start] = False  # neither the window's drafts nor earlier n-grams
-                start += len(candidate)
-        return feeds, FeedTree(offsets, visible)
+        return feeds, FeedTree(offsets, visible), starts
 
     @staticmethod
     def _forbid_early_stops(rows: list[Row], logits: torch.Tensor, first_outputs: list[int]) -> None:
