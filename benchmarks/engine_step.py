@@ -176,8 +176,7 @@ def report_drafting(model, args: argparse.Namespace, plain: list[StepFigures]) -
     """Each variant's iteration time over the paper's rule's (measured just before, same batch)."""
     if not args.drafting:
         return
-    everything = DecodingOptions(lookup=True, recycle_candidates=2, recycle_length=4, blocks_in_flight=2,
-                                 next_block_share=0.1)
+    everything = DecodingOptions(lookup=True, recycle_candidates=2, recycle_length=4, blocks_in_flight=2)
     sampling = SamplingParams(temperature=args.temperature)
     print("== drafting variants: iteration time over the paper's rule")
     for name in args.drafting:

@@ -1,5 +1,6 @@
 """CLLM: Jacobi decoding and consistency training for Hugging Face causal LMs (no Ray here)."""
 
+from cllm.drafts import DecodingOptions
 from cllm.engine import Engine, FinishedRequest
 from cllm.hf import load_model, load_tokenizer, tiny_model
 from cllm.jacobi import (
@@ -13,6 +14,7 @@ from cllm.row import RequestParams, RowStats
 from cllm.sampling import SamplingParams, TokenLogprob
 
 __all__ = [
+    "DecodingOptions",
     "Engine",
     "FinishedRequest",
     "GenerationStats",

@@ -97,8 +97,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
                           help="n-grams verified beside the window per forward (default: 2)")
     drafting.add_argument("--recycle-length", type=int, default=4, help="tokens per n-gram (default: 4)")
     drafting.add_argument("--blocks-in-flight", type=int, default=2, help="blocks refined at once (default: 2)")
-    drafting.add_argument("--next-block-share", type=float, default=0.85,
-                          help="share of the active block verified before the next one starts (default: 0.85)")
+    drafting.add_argument("--next-block-share", type=float, default=0.1,
+                          help="share of the active block verified before the next one starts (default: 0.1)")
     args = parser.parse_args(argv)
     try:
         techniques = DecodingOptions(

@@ -68,7 +68,7 @@ class DecoderSettings(BaseModel):
     recycle_candidates: int = Field(default=0, ge=0, description="n-grams verified beside each window")
     recycle_length: int = Field(default=4, ge=1, description="tokens per recycled n-gram")
     blocks_in_flight: int = Field(default=1, ge=1, description="blocks refined in one forward")
-    next_block_share: float = Field(default=0.85, gt=0, le=1, description="share verified before the next block")
+    next_block_share: float = Field(default=0.1, gt=0, le=1, description="share verified before the next block")
 
     @property
     def drafting(self) -> DecodingOptions:
