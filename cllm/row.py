@@ -210,9 +210,11 @@ class Row:
     def _window_size(self) -> int:
         """The active block, and once it has verified its share, the next blocks behind it (only
         the active block's tokens are ever verified, so its share is the one signal there is)."""
-        options = self.options
-        started = self.cached + 1 >= math.ceil(options.next_block_share * self.n_token)
-        return self.n_token * (options.blocks_in_flight if started else 1)
+        n, options = self.n_token, self.options
+        if self.cached + 1 < math.ceil(options.next_block_share * n):
+            return n
+        budget = self.params.max_new_tokens - len(self.output)  # drafts past it would never count
+        return max(n, min(n * options.blocks_in_flight, budget))
 
     def _set_window(self, window: list[int], draft_probs: torch.Tensor | None) -> None:
         """Make `window` (with its drafts' distributions) the row's, cut or extended with guesses
