@@ -44,6 +44,9 @@ from cllm.toy.tasks import toy_prompts
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from helpers import free_port, save_tiny_checkpoint  # noqa: E402  (tests/helpers.py)
 
+# What serve/config.yaml turns on for GPUs (cllm.drafts): recycled n-grams and a second block.
+DRAFTING = {"recycle_candidates": 2, "recycle_length": 4, "blocks_in_flight": 2}
+
 
 @dataclass(frozen=True)
 class Deployment:
@@ -51,6 +54,13 @@ class Deployment:
     mode: str
     scheduler: str
     max_batch_size: int = 8
+    drafting: bool = False  # DRAFTING on, or the paper's rule
+
+    @property
+    def settings(self) -> dict:
+        """The decoder's settings that make this deployment what its label says."""
+        return {"mode": self.mode, "scheduler": self.scheduler, "max_batch_size": self.max_batch_size,
+                **(DRAFTING if self.drafting else {})}
 
 
 DEPLOYMENTS = {
@@ -61,6 +71,7 @@ DEPLOYMENTS = {
         Deployment("ar, continuous", "ar", "continuous"),
         Deployment("ar, dynamic", "ar", "dynamic"),
         Deployment("jacobi, no batching", "jacobi", "dynamic", 1),
+        Deployment("jacobi + drafting, continuous", "jacobi", "continuous", drafting=True),
     )
 }
 
@@ -315,9 +326,8 @@ def measure_local(args) -> list[LoadResult]:
             for number, label in enumerate(args.deployments):
                 deployment = DEPLOYMENTS[label]
                 app = build_app(BuilderArgs(
-                    model=model, served_model_name="bench", mode=deployment.mode, scheduler=deployment.scheduler,
-                    max_batch_size=deployment.max_batch_size, num_cpus=1, num_gpus=args.num_gpus,
-                    max_ongoing_requests=max(64, len(requests)), max_queued_requests=-1,
+                    model=model, served_model_name="bench", **deployment.settings, num_cpus=1,
+                    num_gpus=args.num_gpus, max_ongoing_requests=max(64, len(requests)), max_queued_requests=-1,
                 ))
                 serve.run(app, name=f"bench{number}", route_prefix=f"/bench{number}")
                 handle = serve.get_deployment_handle("Decoder", app_name=f"bench{number}")
@@ -372,8 +382,7 @@ def measure_in_process(args) -> list[LoadResult]:
             decoders = []
             for label in args.deployments:
                 deployment = DEPLOYMENTS[label]
-                settings = DecoderSettings(model=model, mode=deployment.mode, scheduler=deployment.scheduler,
-                                           max_batch_size=deployment.max_batch_size)
+                settings = DecoderSettings(model=model, **deployment.settings)
                 decoder = Decoder.func_or_class(settings)
                 decoders.append((label, decoder, _in_process_probe(decoder)))
             reference = None
