@@ -5,7 +5,7 @@ rejected (Jacobi Forcing's rejection recycling), and a next block drafted behind
 All of them only propose drafts. Every draft is still judged by the model (`cllm.row`, `cllm.engine`),
 so no guess can change the output; a good guess only saves forwards. Answers copy names,
 numbers and identifiers from their prompts, and Jacobi iterations often produce the right n-gram
-at the wrong place, which is what these two sources catch.
+at the wrong place, which is what the lookup and the pool catch.
 """
 
 from __future__ import annotations
