@@ -48,11 +48,6 @@ class DecodingOptions:
         if not 0 < self.next_block_share <= 1:
             raise ValueError(f"next_block_share must lie in (0, 1], got {self.next_block_share}")
 
-    @property
-    def extra_tokens(self) -> int:
-        """The most tokens recycling adds to a row's forward."""
-        return self.recycle_candidates * self.recycle_length
-
 
 PAPER = DecodingOptions()
 TECHNIQUES = ("lookup", "recycle", "multi-block")

@@ -61,7 +61,7 @@ class _Choices:
     proposals: list[list[int]]
     logprobs: list[list[TokenLogprob] | None]
     sampled_probs: dict[int, torch.Tensor]  # row index -> (width, vocab) target distributions
-    argmax: list[list[int]]  # the likeliest token at every position (what recycled n-grams are checked against)
+    argmax: torch.Tensor  # (rows, width) likeliest tokens: what recycled n-grams are checked against
 
 
 class Engine:
@@ -311,8 +311,8 @@ class Engine:
                 choices.accepted[index], choices.proposals[index], choices.logprobs[index],
                 choices.sampled_probs.get(index),
             )
-            if starts[index]:
-                row.recycle(verified_before, choices.argmax[index], starts[index])
+            if starts[index]:  # one device sync for the row's choices, only where n-grams rode along
+                row.recycle(verified_before, choices.argmax[index].tolist(), starts[index])
 
     @staticmethod
     def _feeds(rows: list[Row]) -> tuple[list[list[int]], FeedTree | None, list[list[int]]]:
@@ -379,10 +379,8 @@ class Engine:
         accepted_by_row = [common_prefix_length(drafts[i], proposals[i][: len(drafts[i])]) for i in range(len(rows))]
         for position, i in enumerate(sampled):
             accepted_by_row[i] = kept[position]
-        greedy_choices = proposals if not sampled else argmax.tolist()
-        return _Choices(
-            accepted_by_row, proposals, self._logprobs(rows, logits, chosen, proposals), sampled_probs, greedy_choices
-        )
+        logprobs = self._logprobs(rows, logits, chosen, proposals)
+        return _Choices(accepted_by_row, proposals, logprobs, sampled_probs, argmax)
 
     def _logprobs(
         self, rows: list[Row], logits: torch.Tensor, chosen: torch.Tensor, proposals: list[list[int]]
