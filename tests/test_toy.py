@@ -357,31 +357,32 @@ def test_sql_exact_match_normalizes_whitespace_and_case_outside_literals():
     assert exact_match("math", "The answer is 7.", "The answer is 7.") is None
 
 
-def test_a_tiny_sql_teacher_learns_above_chance(tmp_path):
-    """The real build pipeline on toy SQL at a toy size: the held-out answer loss ends far below
-    both chance (a uniform guess over the vocabulary) and the untrained model's."""
+def assert_learns_above_chance(config: teacher.ToyConfig, cache_dir) -> tuple:
+    """Build the toy teacher of `config` (the real pipeline, toy-sized) and check that its held-out
+    answer loss ends 2 nats below both chance and the untrained model's; returns (tokenizer,
+    the held-out prompts scored)."""
     import math
 
-    config = dataclasses.replace(TINY, domain="sql", train_tokens=24_000, eval_prompts=8)
-    model, tokenizer = teacher.load_toy("sql", config, cache_dir=tmp_path)
-    prompts = toy_prompts("heldout", "sql", limit=8)
-    trained = teacher.toy_build_info("sql", tmp_path)["heldout_answer_loss"]
+    _, tokenizer = teacher.load_toy(config.domain, config, cache_dir=cache_dir)
+    prompts = toy_prompts("heldout", config.domain, limit=config.eval_prompts)
+    trained = teacher.toy_build_info(config.domain, cache_dir)["heldout_answer_loss"]
     untrained = teacher.heldout_loss(teacher.new_teacher(config, tokenizer), tokenizer, prompts, config.max_length)
     assert trained < math.log(len(tokenizer)) - 2.0
     assert trained < untrained - 2.0
+    return tokenizer, prompts
+
+
+def test_a_tiny_sql_teacher_learns_above_chance(tmp_path):
+    """The real build pipeline on toy SQL at a toy size: the held-out answer loss ends far below
+    both chance (a uniform guess over the vocabulary) and the untrained model's."""
+    config = dataclasses.replace(TINY, domain="sql", train_tokens=24_000, eval_prompts=8)
+    tokenizer, prompts = assert_learns_above_chance(config, tmp_path)
     assert tokenizer(prompts[0].prompt)["input_ids"][0] == tokenizer.bos_token_id
 
 
 def test_a_tiny_code_teacher_learns_above_chance(tmp_path):
     """The real build pipeline on toy code at a toy size: the held-out loss of the bodies ends far
     below both chance and the untrained model's."""
-    import math
-
     config = dataclasses.replace(TINY, domain="code", vocab_size=512, max_length=512, train_tokens=40_000,
                                  eval_prompts=8)
-    model, tokenizer = teacher.load_toy("code", config, cache_dir=tmp_path)
-    prompts = toy_prompts("heldout", "code", limit=8)
-    trained = teacher.toy_build_info("code", tmp_path)["heldout_answer_loss"]
-    untrained = teacher.heldout_loss(teacher.new_teacher(config, tokenizer), tokenizer, prompts, config.max_length)
-    assert trained < math.log(len(tokenizer)) - 2.0
-    assert trained < untrained - 2.0
+    assert_learns_above_chance(config, tmp_path)
