@@ -1,7 +1,7 @@
 """Quality and Jacobi speed of the toy teachers on their held-out prompts.
 
 Per domain: teacher size, build time, held-out answer loss (from the build record), three greedy
-samples, task quality (math: exact-answer accuracy; sql: execution accuracy and exact match; code:
+samples, task quality (math, chat: exact-answer accuracy; sql: execution accuracy and exact match; code:
 pass@1, each output's tests run in the sandbox of `cllm.execution`), and
 the teacher's Jacobi tokens-per-forward at n=16 next to greedy AR, with a token-for-token check.
 Builds a missing teacher first (minutes). Run:
@@ -9,6 +9,7 @@ Builds a missing teacher first (minutes). Run:
     python benchmarks/toy_quality.py                  # every domain
     python benchmarks/toy_quality.py --domain math --prompts 200
     python benchmarks/toy_quality.py --domain code --prompts 500
+    python benchmarks/toy_quality.py --domain chat --prompts 500
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from cllm.jacobi import ar_generate, jacobi_generate
 from cllm.metrics import repetition_rate
 from cllm.toy import tasks, teacher
 
-MAX_NEW_TOKENS = {"math": 96, "code": 64, "sql": 64}
+MAX_NEW_TOKENS = {"math": 96, "code": 64, "sql": 64, "chat": 96}
 
 
 def evaluate(model, tokenizer, domain: str, prompts: list[toy.ToyPrompt], max_new_tokens: int,

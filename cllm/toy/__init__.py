@@ -1,6 +1,6 @@
 """The toy setting: tasks and tiny teachers that the project builds itself, so everything runs
-offline. This module is the one home of toy names: `toy`, `toy-math`, `toy-code`, `toy-sql`, each
-optionally with a split, as in `toy-math:heldout`.
+offline. This module is the one home of toy names: `toy`, `toy-math`, `toy-code`, `toy-sql`,
+`toy-chat`, each optionally with a split, as in `toy-math:heldout`.
 
 - `cllm.toy.tasks`: the task generators, splits, prompts and answer checking (light, no model);
 - `cllm.toy.teacher`: the teacher's tokenizer, training and cached build (imports transformers).
@@ -14,11 +14,11 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
-DOMAINS = ("math", "code", "sql")
+DOMAINS = ("math", "code", "sql", "chat")
 DEFAULT_DOMAIN = "math"
 SPLITS = ("train", "heldout")
 TOY_NAMES = ("toy", *(f"toy-{domain}" for domain in DOMAINS))
-TOY_VERSIONS = {"math": "1", "code": "2", "sql": "2"}
+TOY_VERSIONS = {"math": "1", "code": "2", "sql": "2", "chat": "1"}
 """Each domain's teacher version, in its cache path: bump it when a corpus, tokenizer or training
 change makes the domain's cached teachers stale."""
 
@@ -35,6 +35,7 @@ class ToyPrompt:
     source: str = ""  # the generator's name and version
     test: str = ""  # code: HumanEval's `def check(candidate)`, which the answer's body must pass
     entry_point: str = ""  # code: the function `check` is called on
+    messages: tuple[tuple[str, str], ...] = ()  # chat: the conversation (role, text) that `prompt` renders
 
 
 def stable_hash(text: str) -> int:
@@ -61,15 +62,17 @@ class Drawn(NamedTuple):
     answer: str
     test: str = ""  # code only (ToyPrompt.test)
     entry_point: str = ""
+    messages: tuple[tuple[str, str], ...] = ()  # chat only (ToyPrompt.messages)
 
 
 Draw = Callable[[random.Random], "tuple[str, str, str] | Drawn"]
-"""Draws one task instance: (its question, the prompt text, the reference answer[, test, entry point])."""
+"""Draws one task instance: (its question, the prompt text, the reference answer[, test, entry point,
+messages])."""
 
 
 @dataclass(frozen=True)
 class GeneratedTask:
-    """The splits of a generated domain (math, sql, code). The question's hash decides the split, so no
+    """The splits of a generated domain (math, sql, code, chat). The question's hash decides the split, so no
     held-out question can reach training; each split has its own random stream only so that the
     rarer held-out questions are found fast. Held-out prompts ask distinct questions: toy SQL's
     common ones ("How many stores are there?", over many schemas) would otherwise fill a score,
@@ -82,12 +85,13 @@ class GeneratedTask:
     heldout_prompts: int = 1_000
     max_heldout_prompts: int | None = None  # held-out prompts one may ask for (None: any number)
     teacher_draw: Draw | None = None  # the teacher's stream, when it weights questions unlike `draw`
-    answer_prefix: str = " "  # joins prompt and answer (code: none, its body starts with its indent)
+    answer_prefix: str = " "  # joins prompt and answer (code: none, its body starts with its indent; chat:
+    # none, the template's generation prompt ends the line)
 
     def _example(self, rng: random.Random, split: str, draw: Draw | None = None) -> tuple[str, ToyPrompt]:
         drawn = Drawn(*(draw or self.draw)(rng))
         example = ToyPrompt(toy_prompt_id(self.domain, drawn.prompt), drawn.prompt, self.answer_prefix + drawn.answer,
-                            self.domain, split, self.source, drawn.test, drawn.entry_point)
+                            self.domain, split, self.source, drawn.test, drawn.entry_point, drawn.messages)
         return drawn.question, example
 
     def examples(self, split: str, seed: int) -> Iterator[ToyPrompt]:

@@ -28,6 +28,7 @@ from cllm.metrics import answer_loss, right_pad
 from cllm.progress import Progress, format_seconds
 from cllm.schedule import warmup_cosine
 from cllm.toy import DEFAULT_DOMAIN, DOMAINS, ToyPrompt, resolve_domain, toy_version
+from cllm.toy.chat import CHAT_TEMPLATE, IM_END, IM_START
 from cllm.toy.tasks import GENERATED_TASKS, toy_prompts
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -82,6 +83,12 @@ def default_config(domain: str | None = None) -> ToyConfig:
         # (docs/results.md#toy-sql).
         return ToyConfig(domain="sql", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
                          batch_size=32, train_tokens=3_000_000)
+    if domain == "chat":
+        # SQL's size. The prompt carries loss: its earlier assistant turns are replies of the same
+        # form as the answer, so every conversation teaches two or three of them. Conversations of
+        # three turns reach about 270 tokens.
+        return ToyConfig(domain="chat", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
+                         batch_size=32, train_tokens=3_000_000, max_length=320, loss_on_prompt=True)
     # SQL's size and budget. The prompt carries loss: its own copies of names and constants (the
     # parameter in the docstring, the name in the examples) teach copying them (docs/results.md#toy-code).
     return ToyConfig(domain="code", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
@@ -99,7 +106,11 @@ def _tokenizer_corpus(config: ToyConfig) -> list[str]:
 
 def train_tokenizer(config: ToyConfig) -> PreTrainedTokenizerFast:
     """Byte-level BPE on the domain's training stream, digits split one by one, with `<pad>`,
-    `<bos>`, `<eos>`; encoding a text prepends `<bos>`."""
+    `<bos>`, `<eos>`; encoding a text prepends `<bos>`. Chat's tokenizer is ChatML's instead, as
+    Qwen2's: `<pad>`, `<|im_start|>` and `<|im_end|>` (its EOS, which ends every turn), no BOS (a
+    rendered conversation starts with `<|im_start|>`), and the chat template that renders the
+    conversations (`cllm.toy.chat.CHAT_TEMPLATE`), saved in its tokenizer config."""
+    chat = config.domain == "chat"
     tokenizer = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     # One token per digit keeps arithmetic and copying numbers learnable: no arbitrary merges.
@@ -107,11 +118,16 @@ def train_tokenizer(config: ToyConfig) -> PreTrainedTokenizerFast:
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=config.vocab_size,
-        special_tokens=[PAD, BOS, EOS],
+        special_tokens=[PAD, IM_START, IM_END] if chat else [PAD, BOS, EOS],
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tokenizer.train_from_iterator(_tokenizer_corpus(config), trainer=trainer)
+    if chat:
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tokenizer, eos_token=IM_END, pad_token=PAD, additional_special_tokens=[IM_START],
+            model_max_length=config.max_length, padding_side="left", chat_template=CHAT_TEMPLATE,
+        )
     bos_id = tokenizer.token_to_id(BOS)
     tokenizer.post_processor = processors.TemplateProcessing(
         single=f"{BOS} $A", pair=f"{BOS} $A $B", special_tokens=[(BOS, bos_id)]
@@ -299,7 +315,8 @@ def build_toy(config: ToyConfig, directory: Path, device: torch.device | str | N
     staging.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary shared directory
     try:
         model.save_pretrained(staging)
-        tokenizer.save_pretrained(staging)
+        # The chat template inside tokenizer_config.json, where every transformers release reads it.
+        tokenizer.save_pretrained(staging, save_jinja_files=False)
         (staging / BUILD_INFO_FILE).write_text(json.dumps(info, indent=2))
         if directory.exists():
             shutil.rmtree(directory)
