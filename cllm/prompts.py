@@ -3,16 +3,20 @@ formats, and the toy corpora, turned into tokenized prompts with ground-truth la
 
 Formats (`--format`): gsm8k (`question`/`answer`), spider (`question`/`query`, optional schema
 text), code-search-net (`docstring`/`code` or `func_documentation_string`/`func_code_string`),
-sharegpt (`conversations`: first human turn, first model reply as the label), the code benchmarks
+sharegpt (`conversations`: an optional system turn, then human and model turns in turn; every
+turn before the last model turn is the prompt and that turn is the label), the code benchmarks
 humaneval (`task_id`, `prompt`, `canonical_solution`, `test`, `entry_point`) and mbpp (`task_id`,
 `text`, `code`, `test_list`, optional `test_setup_code`), and the generic `{"prompt", "answer"}`
 (`jsonl` or `generic`). `auto` picks one per file from its first row. Files may be gzipped
 (`.jsonl.gz`). A code benchmark's record carries the `CodeProblem` that scores it by execution.
 
-A prompt is wrapped in the tokenizer's chat template when it has one, else in the format's plain
-template (the generic format's prompt is used as is). Code benchmarks are completions and never
-take a chat template: the model continues the prompt's code. Bad rows are collected as `BadPromptRow`s with
-their file and row number instead of raising, unless `strict=True`.
+A prompt is wrapped in the tokenizer's chat template when it has one (`cllm.hf.encode_chat`, the
+rendering serve's chat route uses too: a ShareGPT conversation is rendered whole, system message
+included, with the template's generation prompt), else in the format's plain template (the generic
+format's prompt is used as is; ShareGPT's is Vicuna's, as the paper's models use). Code benchmarks
+are completions and never take a chat template: the model continues the prompt's code. Bad rows
+are collected as `BadPromptRow`s with their file and row number instead of raising, unless
+`strict=True`.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from cllm.execution import MBPP_STOP_SEQUENCES, CodeProblem
-from cllm.hf import encode_chat, has_chat_template
+from cllm.hf import Message, encode_chat, has_chat_template
 from cllm.storage import display_path
 from cllm.toy import parse_toy_name
 from cllm.toy.tasks import toy_prompts
@@ -72,6 +76,7 @@ class _Example:
     request: str
     answer: str | None
     problem: CodeProblem | None = None
+    messages: tuple[Message, ...] = ()  # sharegpt: the conversation before the answer (request: its last turn)
 
 
 # -- formats -------------------------------------------------------------------------------------
@@ -115,19 +120,40 @@ def _code_search_net(row: dict) -> _Example:
     )
 
 
+# ShareGPT's speakers (and OpenAI's roles, which some files use) as chat-template roles.
+_SHAREGPT_ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant",
+                   "assistant": "assistant", "chatgpt": "assistant", "bard": "assistant", "model": "assistant"}
+
+
 def _sharegpt(row: dict) -> _Example:
+    """The conversation up to its last (model) turn, which is the label. Turns must go system (optional,
+    first), then human and model in turn; a conversation that ends with a human turn has no reply to
+    learn."""
     turns = row.get("conversations")
     if not isinstance(turns, list) or not turns:
         raise BadPromptRowError("missing field 'conversations' (a non-empty list of turns)")
-    speakers = [str(turn.get("from", turn.get("role", ""))).lower() if isinstance(turn, dict) else ""
-                for turn in turns]
-    human = next((i for i, who in enumerate(speakers) if who in ("human", "user")), None)
-    if human is None:
+    messages: list[Message] = []
+    for number, turn in enumerate(turns, start=1):
+        if not isinstance(turn, dict):
+            raise BadPromptRowError(f"turn {number} is not an object (got {type(turn).__name__})")
+        speaker = str(turn.get("from", turn.get("role", "")))
+        role = _SHAREGPT_ROLES.get(speaker.lower())
+        if role is None:
+            raise BadPromptRowError(f"turn {number} has an unknown speaker {speaker!r}")
+        try:
+            messages.append((role, _text(turn, "value", "content")))
+        except BadPromptRowError as error:
+            raise BadPromptRowError(f"turn {number}: {error}") from None
+    first = 1 if messages[0][0] == "system" else 0
+    for number, (role, _) in enumerate(messages[first:], start=first + 1):
+        expected = "user" if (number - first) % 2 == 1 else "assistant"
+        if role != expected:
+            raise BadPromptRowError(f"roles out of order: turn {number} is {role}, expected {expected}")
+    if len(messages) == first:
         raise BadPromptRowError("'conversations' has no human turn")
-    request = _text(turns[human], "value", "content")
-    reply = next((turns[i] for i in range(human + 1, len(turns))
-                  if speakers[i] in ("gpt", "assistant", "chatgpt", "bard", "model")), None)
-    return _Example(request, _optional_text(reply, "value", "content") if reply else None)
+    if messages[-1][0] != "assistant":
+        raise BadPromptRowError("'conversations' ends with a human turn (no reply to learn)")
+    return _Example(messages[-2][1], messages[-1][1], messages=tuple(messages[:-1]))
 
 
 def _task_id(row: dict) -> str:
@@ -184,16 +210,15 @@ _EXTRACTORS: dict[str, Callable[[dict], _Example]] = {
     "generic": _generic,
 }
 
-# The paper's plain templates, used when the tokenizer has no chat template.
+_VICUNA_SYSTEM = (
+    "A chat between a curious user and an artificial intelligence assistant. The assistant "
+    "gives helpful, detailed, and polite answers to the user's questions."
+)
+# The paper's plain templates, used when the tokenizer has no chat template (sharegpt: `_vicuna`).
 _PLAIN_TEMPLATES = {
     "gsm8k": "Question: {request}\nAnswer: Let's think step by step.\n",
     "spider": "Translate the question into SQL.\n{request}\nSQL: ",
     "code-search-net": "Please generate code based on the following doc:\n{request}\n",
-    "sharegpt": (
-        "A chat between a curious user and an artificial intelligence assistant. The assistant "
-        "gives helpful, detailed, and polite answers to the user's questions. "
-        "USER: {request} ASSISTANT:"
-    ),
     "humaneval": "{request}",
     "mbpp": "{request}",
     "jsonl": "{request}",
@@ -274,11 +299,24 @@ def _rows(filesystem: fsspec.AbstractFileSystem, path: str) -> Iterator[tuple[in
 # -- templates and tokens ------------------------------------------------------------------------
 
 
-def _tokenize_prompt(tokenizer, fmt: str, request: str, use_chat_template: bool) -> tuple[str, list[int]]:
+def _tokenize_prompt(tokenizer, fmt: str, example: _Example, use_chat_template: bool) -> tuple[str, list[int]]:
+    messages = example.messages or (("user", example.request),)
     if use_chat_template and fmt not in _COMPLETION_FORMATS and has_chat_template(tokenizer):
-        return encode_chat(tokenizer, [("user", request)])
-    text = _PLAIN_TEMPLATES[fmt].format(request=request)
+        return encode_chat(tokenizer, messages)
+    if fmt == "sharegpt":
+        text = _vicuna(messages, tokenizer.eos_token or "</s>")
+    else:
+        text = _PLAIN_TEMPLATES[fmt].format(request=example.request)
     return text, tokenizer(text)["input_ids"]
+
+
+def _vicuna(messages: tuple[Message, ...], end_of_reply: str) -> str:
+    """Vicuna v1.1's rendering (FastChat's), the paper's chat format: the system message (else
+    Vicuna's), then `USER: ... ASSISTANT: ...</s>` per exchange, ending with `ASSISTANT:`."""
+    system = messages[0][1] if messages[0][0] == "system" else _VICUNA_SYSTEM
+    turns = messages[1:] if messages[0][0] == "system" else messages
+    said = "".join(f"USER: {text} " if role == "user" else f"ASSISTANT: {text}{end_of_reply}" for role, text in turns)
+    return f"{system} {said}ASSISTANT:"
 
 
 def _label_ids(tokenizer, answer: str | None) -> list[int] | None:
@@ -309,8 +347,9 @@ def load_prompts(
 
     `spec` is a file, directory or glob (local or a URI such as `s3://bucket/prompts/*.jsonl`),
     or a toy source: `toy`, `toy:heldout`, `toy-math:train`, `toy-sql:heldout`, `toy-code:heldout`,
-    ... (split defaults to train). Raises FileNotFoundError for a missing source, ValueError for an unknown
-    format or a file whose format cannot be detected, BadPromptRowError for a bad row when `strict`."""
+    `toy-chat:heldout`, ... (split defaults to train). Raises FileNotFoundError for a missing source,
+    ValueError for an unknown format or a file whose format cannot be detected, BadPromptRowError
+    for a bad row when `strict`."""
     if format not in FORMATS:
         raise ValueError(f"unknown prompt format {format!r}; choose from {', '.join(FORMATS)}")
     toy = parse_toy_name(spec)
@@ -344,7 +383,8 @@ def load_prompts(
 
 def _toy_examples(domain: str, split: str, spec: str, limit: int | None, tokenizer) -> Iterator[PromptRecord]:
     for row, item in enumerate(toy_prompts(split, domain, limit=limit), start=1):
-        # Toy prompts carry their template already; encoding prepends BOS as in teacher training.
+        # Toy prompts carry their template already; encoding prepends BOS as in teacher training
+        # (chat's tokenizer has none: its prompt is the rendered conversation, as encode_chat encodes it).
         problem = CodeProblem(item.prompt_id, item.prompt, item.test, item.entry_point) if item.test else None
         yield PromptRecord(item.prompt_id, tokenizer(item.prompt)["input_ids"],
                            _label_ids(tokenizer, item.answer), item.prompt, item.answer, spec, row, problem)
@@ -378,6 +418,6 @@ def _file_examples(
             except BadPromptRowError as error:
                 yield BadPromptRow(source, row, str(error))
                 continue
-            text, ids = _tokenize_prompt(tokenizer, fmt, example.request, use_chat_template)
+            text, ids = _tokenize_prompt(tokenizer, fmt, example, use_chat_template)
             yield PromptRecord(_file_prompt_id(name, row), ids, _label_ids(tokenizer, example.answer),
                                text, example.answer, source, row, example.problem)

@@ -14,6 +14,7 @@ from helpers import char_tokenizer
 
 from cllm import prompts as prompts_module
 from cllm.execution import check_completion
+from cllm.hf import encode_chat
 from cllm.prompts import BadPromptRowError, detect_format, load_prompts
 from cllm.toy import ToyPrompt
 from cllm.toy.tasks import toy_prompts
@@ -96,10 +97,13 @@ def test_spider_code_sharegpt_generic(tmp_path, tokenizer):
         {"id": 4},
     ])
     records, bad = load_prompts(str(sharegpt), tokenizer, format="sharegpt")
-    assert len(records) == 1 and records[0].prompt.endswith("USER: Hi there ASSISTANT:")
-    assert records[0].answer == "Hello!"
-    assert [b.row for b in bad] == [2, 3, 4]
-    assert bad[0].reason == "'conversations' has no human turn"
+    assert records == []
+    assert [(b.row, b.reason) for b in bad] == [
+        (1, "'conversations' ends with a human turn (no reply to learn)"),
+        (2, "roles out of order: turn 1 is assistant, expected user"),
+        (3, "missing field 'conversations' (a non-empty list of turns)"),
+        (4, "missing field 'conversations' (a non-empty list of turns)"),
+    ]
 
     generic = write_jsonl(tmp_path / "generic.jsonl", [{"prompt": "raw text"}, {"text": "x"}])
     records, bad = load_prompts(str(generic), tokenizer, format="jsonl")
@@ -138,6 +142,80 @@ def test_chat_template_is_used_when_present(tmp_path):
     assert record.prompt == "<bos>[user] 2+2?\n[assistant] "
     assert record.prompt_ids == ids(tokenizer, record.prompt, special=False)
     assert record.prompt_ids.count(tokenizer.bos_token_id) == 1
+
+
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_a_sharegpt_conversation_is_rendered_whole_up_to_its_last_reply(tmp_path):
+    """Every turn before the last model turn, system message included, goes through the template
+    with its generation prompt (`cllm.hf.encode_chat`, as serve renders a chat request); the last
+    model turn is the label."""
+    tokenizer = char_tokenizer(chat_template=CHATML)
+    turns = [("system", "Be brief."), ("human", "2+2?"), ("gpt", "4"), ("human", "and 3+3?"), ("gpt", "6")]
+    path = write_jsonl(tmp_path / "chat.jsonl", [{"conversations": [{"from": who, "value": text}
+                                                                    for who, text in turns]}])
+    (record,), bad = load_prompts(str(path), tokenizer)
+    messages = (("system", "Be brief."), ("user", "2+2?"), ("assistant", "4"), ("user", "and 3+3?"))
+    assert bad == [] and (record.prompt, record.prompt_ids) == encode_chat(tokenizer, messages)
+    assert record.prompt.startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+    assert record.prompt.endswith("<|im_start|>user\nand 3+3?<|im_end|>\n<|im_start|>assistant\n")
+    assert record.answer == "6" and record.label_ids == ids(tokenizer, "6", special=False) + [tokenizer.eos_token_id]
+    # OpenAI-style role names read the same.
+    openai_style = write_jsonl(tmp_path / "roles.jsonl", [{"conversations": [
+        {"role": role, "content": text} for role, text in [*messages, ("assistant", "6")]]}])
+    assert load_prompts(str(openai_style), tokenizer)[0][0].prompt_ids == record.prompt_ids
+    # Without a chat template: Vicuna's rendering (the paper's), one exchange per `</s>`.
+    plain, _ = load_prompts(str(path), char_tokenizer())
+    assert plain[0].prompt == "Be brief. USER: 2+2? ASSISTANT: 4<eos>USER: and 3+3? ASSISTANT:"
+
+
+def test_bad_sharegpt_conversations_are_reported_with_file_and_row(tmp_path):
+    tokenizer = char_tokenizer(chat_template=CHATML)
+
+    def conversation(*turns: tuple[str, str]) -> dict:
+        return {"conversations": [{"from": who, "value": text} for who, text in turns]}
+
+    path = write_jsonl(tmp_path / "chat.jsonl", [
+        conversation(("human", "hi"), ("gpt", "hello")),
+        conversation(("system", "s"), ("human", "hi"), ("gpt", "hello"), ("human", "bye")),
+        conversation(("human", "hi"), ("human", "again"), ("gpt", "hello")),
+        conversation(("human", "hi"), ("system", "s"), ("gpt", "hello")),
+        conversation(("human", "hi"), ("narrator", "meanwhile"), ("gpt", "hello")),
+        conversation(("human", "hi"), ("gpt", "")),
+        conversation(("system", "only a system message")),
+    ])
+    records, bad = load_prompts(str(path), tokenizer)
+    assert [r.row for r in records] == [1]
+    assert [str(b) for b in bad] == [
+        f"{path}:2: 'conversations' ends with a human turn (no reply to learn)",
+        f"{path}:3: roles out of order: turn 2 is user, expected assistant",
+        f"{path}:4: roles out of order: turn 2 is system, expected assistant",
+        f"{path}:5: turn 2 has an unknown speaker 'narrator'",
+        f"{path}:6: turn 2: field 'value' is empty",
+        f"{path}:7: 'conversations' has no human turn",
+    ]
+    with pytest.raises(BadPromptRowError, match=r"chat.jsonl:2: 'conversations' ends with a human turn"):
+        load_prompts(str(path), tokenizer, strict=True)
+
+
+def test_toy_chat_prompts_are_their_conversations_rendered_through_the_teachers_template(tmp_path):
+    """A toy-chat prompt and the same conversation read from a ShareGPT file give the same ids
+    (collect, train and evaluate read either): the prompt is the template's rendering."""
+    from cllm.toy.chat import sharegpt_record
+    from cllm.toy.teacher import ToyConfig, train_tokenizer
+
+    tokenizer = train_tokenizer(ToyConfig(domain="chat", vocab_size=300, tokenizer_corpus_docs=200))
+    toy, bad = load_prompts("toy-chat:heldout", tokenizer, limit=20)
+    path = write_jsonl(tmp_path / "toy-chat.jsonl", [sharegpt_record(p.messages, p.answer)
+                                                    for p in toy_prompts("heldout", "chat", limit=20)])
+    from_file, file_bad = load_prompts(str(path), tokenizer)
+    assert bad == file_bad == [] and len(toy) == len(from_file) == 20
+    assert [r.prompt_ids for r in toy] == [r.prompt_ids for r in from_file]
+    assert [r.label_ids for r in toy] == [r.label_ids for r in from_file]
+    assert [r.prompt for r in toy] == [r.prompt for r in from_file]
+    assert toy[0].label_ids[-1] == tokenizer.convert_tokens_to_ids("<|im_end|>") == tokenizer.eos_token_id
 
 
 def test_ids_are_stable_and_parquet_glob_limit(tmp_path, tokenizer):
