@@ -15,6 +15,7 @@ from cllm import toy
 from cllm.execution import CodeProblem, check_completions
 from cllm.hf import load_model
 from cllm.metrics import repetition_rate
+from cllm.toy import chat as toy_chat
 from cllm.toy import code as toy_code
 from cllm.toy import is_heldout_question, sql_schema, teacher
 from cllm.toy import math as toy_math
@@ -386,3 +387,60 @@ def test_a_tiny_code_teacher_learns_above_chance(tmp_path):
     config = dataclasses.replace(TINY, domain="code", vocab_size=512, max_length=512, train_tokens=40_000,
                                  eval_prompts=8)
     assert_learns_above_chance(config, tmp_path)
+
+
+# -- chat ----------------------------------------------------------------------------------------
+
+
+def test_chat_conversations_are_rendered_stable_and_split_by_conversation():
+    heldout = toy_prompts("heldout", "chat", limit=200)
+    train = toy_prompts("train", "chat", limit=2000)
+    assert heldout == list(toy_chat.TASK.prompts("heldout", 200, 0))  # same stream every time
+    assert len({p.prompt for p in heldout}) == 200
+    assert not {p.prompt for p in heldout} & {p.prompt for p in train}
+    assert all(toy.is_heldout_question(p.prompt) for p in heldout)
+    turns = set()
+    for example in heldout:
+        roles = [role for role, _ in example.messages]
+        assert roles[0] == "system" and roles[-1] == "user"
+        assert roles[1:] == ["user", "assistant"] * (len(roles) // 2 - 1) + ["user"]
+        turns.add(roles.count("user"))
+        assert example.prompt == toy_chat.chat_prompt(example.messages)
+        assert example.prompt.endswith(f"{toy_chat.IM_END}\n<|im_start|>assistant\n")
+        assert example.answer.endswith(".") and "The answer is " in example.answer
+    assert turns == {1, 2, 3}
+
+
+def test_chat_answers_are_right_and_checked_on_their_final_value():
+    """Every sum and difference in a reply is right, and the check compares the final value only:
+    a number, a name, a time, or a list in any order."""
+    for example in toy_prompts("train", "chat", limit=500):
+        for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", example.answer):
+            assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c), example.answer
+        assert check_answer("chat", example.answer, example.answer)
+    reference = "Your basket has 2 cups and 3 pens. The items are cups and pens. The answer is cups and pens."
+    assert check_answer("chat", "The answer is pens and cups.", reference)
+    assert not check_answer("chat", "The answer is cups.", reference)
+    assert not check_answer("chat", "The answer is cups, pens and eggs.", reference)
+    assert not check_answer("chat", "Your basket has 2 cups and 3 pens.", reference)  # no final answer
+    assert check_answer("chat", "It is 7. The answer is 7.", "The answer is 7.")
+    assert not check_answer("chat", "The answer is 17.", "The answer is 7.")
+    assert check_answer("chat", "The answer is 8 pm.", "It is at 8 pm. The answer is 8 pm.")
+    assert not check_answer("chat", "The answer is Anna.", "The answer is Ben.")
+
+
+def test_a_tiny_chat_teacher_learns_above_chance_and_carries_its_chat_template(tmp_path):
+    """The real build on toy chat at a toy size. Its tokenizer renders every conversation through
+    its own ChatML template to the toy prompt, and `<|im_end|>` ends a turn: the tokenizer's EOS
+    and the generation config's, saved where transformers reads them."""
+    from cllm.hf import model_facts, render_chat
+
+    config = dataclasses.replace(TINY, domain="chat", max_length=320, train_tokens=100_000, loss_on_prompt=True)
+    tokenizer, prompts = assert_learns_above_chance(config, tmp_path)
+    assert all(render_chat(tokenizer, p.messages) == p.prompt for p in prompts)
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.eos_token_id == im_end and tokenizer.bos_token_id is None
+    directory = teacher.teacher_dir("chat", tmp_path)
+    assert "<|im_start|>" in json.loads((directory / "tokenizer_config.json").read_text())["chat_template"]
+    assert json.loads((directory / "generation_config.json").read_text())["eos_token_id"] == im_end
+    assert model_facts(str(directory)).eos_ids == {im_end}
