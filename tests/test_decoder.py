@@ -146,6 +146,33 @@ def test_cancelled_request_stops_its_row(checkpoint):
     assert 0 < decoder.load().generated_tokens < 3000
 
 
+def test_a_cancellation_as_the_next_event_arrives_is_not_lost():
+    """Non-streamed requests wait for events with a timeout. Python 3.11's `asyncio.wait_for`
+    returns the item and drops a cancellation that lands as the item arrives, so a client that
+    left mid-request had its rows decode to the end; `wait_within` must raise instead."""
+    from cllm_serve.decoder import wait_within
+
+    async def scenario(wait) -> str:
+        queue: asyncio.Queue[int] = asyncio.Queue()
+        waiting = asyncio.create_task(wait(queue.get(), 10))
+        await asyncio.sleep(0)  # it waits on the queue
+        queue.put_nowait(1)  # the item arrives ...
+        waiting.cancel()  # ... in the same loop iteration as the cancellation
+        try:
+            return f"returned {await waiting}"
+        except asyncio.CancelledError:
+            return "cancelled"
+
+    assert asyncio.run(scenario(wait_within)) == "cancelled"
+
+    async def times_out() -> None:
+        with pytest.raises(TimeoutError):
+            await wait_within(asyncio.Event().wait(), 0.01)
+        assert await wait_within(asyncio.sleep(0, result="done"), 1) == "done"
+
+    asyncio.run(times_out())
+
+
 def test_short_request_arriving_during_a_long_one_finishes_first(checkpoint):
     """Continuous batching: the short request joins the running long one between iterations,
     finishes, and leaves, while the long one keeps going (it is then cancelled)."""
@@ -404,3 +431,63 @@ def test_drafting_options_change_no_text_and_bad_ones_are_refused(checkpoint):
         assert "".join(event.text for event in events if isinstance(event, TextDelta)) == expected
     refused = asyncio.run(decoder.complete(decode_request("t5", drafting=(("blocks_in_flight", 0),))))
     assert isinstance(refused[0], Rejected) and refused[0].param == "drafting"
+
+
+def save_chatml_word_model(directory) -> str:
+    """A tiny random Llama behind a ChatML word-level tokenizer (`<|im_start|>` = 1, `<|im_end|>` =
+    2, roles, `w6` ... `w63`), `<|im_end|>` its EOS in the tokenizer and the generation config, as
+    toy-chat's teacher has it. Seed 14's greedy reply to `CHAT` is `w57 w17 w31` then `<|im_end|>`."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from cllm import tiny_model
+    from cllm.toy.chat import CHAT_TEMPLATE
+
+    vocabulary = {"<pad>": 0, "<|im_start|>": 1, "<|im_end|>": 2, "system": 3, "user": 4, "assistant": 5,
+                  **{f"w{i}": i for i in range(6, 64)}}
+    backend = Tokenizer(models.WordLevel(vocabulary, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.decoder = decoders.WordPiece()  # words joined by spaces
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="<|im_end|>",
+                                        additional_special_tokens=["<|im_start|>"], chat_template=CHAT_TEMPLATE)
+    model = tiny_model("llama", vocab_size=64, seed=14)
+    model.generation_config.eos_token_id = [2]
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+CHAT = (("system", "w7 w8"), ("user", "w9 w10 w11"), ("assistant", "w12 w13"), ("user", "w14"))
+
+
+def test_a_chat_request_renders_through_the_template_and_stops_at_im_end(tmp_path):
+    """Serve's chat route renders the messages as collect and evaluate render a ShareGPT record of
+    the same conversation (one `cllm.hf.encode_chat`), and the reply ends where the template ends a
+    turn: at `<|im_end|>`, finish_reason `stop`, its text never in the reply."""
+    import json
+
+    from cllm import ar_generate
+    from cllm.hf import encode_chat, load_model
+    from cllm.prompts import load_prompts
+    from cllm.toy.chat import sharegpt_record
+    from cllm_serve.batching import Finished, TextDelta
+
+    path = save_chatml_word_model(tmp_path / "model")
+    model, tokenizer = load_model(path, device="cpu")
+    sharegpt = tmp_path / "chat.jsonl"
+    sharegpt.write_text(json.dumps(sharegpt_record(CHAT, "w20 w21")) + "\n")
+    (record,), bad = load_prompts(str(sharegpt), tokenizer)
+    assert bad == [] and record.label_ids == [20, 21, 2]
+    assert record.prompt_ids == encode_chat(tokenizer, CHAT)[1] == [1, 3, 7, 8, 2, 1, 4, 9, 10, 11, 2, 1, 5, 12, 13,
+                                                                    2, 1, 4, 14, 2, 1, 5]
+    decoder = new_decoder(path, n_token=4)
+    assert decoder.tokenize(None, CHAT) == record.prompt_ids
+    events = asyncio.run(decoder.complete(decode_request(messages=CHAT, max_tokens=20)))
+    finished = events[-1]
+    text = "".join(event.text for event in events if isinstance(event, TextDelta))
+    assert isinstance(finished, Finished) and finished.finish_reason == "stop" and finished.stop_reason is None
+    assert text == "w57 w17 w31" and "<|im_end|>" not in text and finished.completion_tokens == 4
+    # What evaluate decodes from the same ids (greedy AR, the model's EOS ids) is the same reply.
+    prompt = torch.tensor([record.prompt_ids])
+    greedy = ar_generate(model, prompt, torch.ones_like(prompt), max_new_tokens=20, eos_token_id=2).new_tokens[0]
+    assert greedy == [57, 17, 31, 2] and tokenizer.decode(greedy, skip_special_tokens=True) == text
