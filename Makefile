@@ -7,8 +7,8 @@ BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
 # `make demo BUDGET=long` trades time for stronger numbers; DEMO_ARGS=--fresh starts over;
-# `make demo DOMAIN=sql` runs it on toy text-to-SQL, `DOMAIN=code` on toy HumanEval-form code
-# (math is the default).
+# `make demo DOMAIN=sql` runs it on toy text-to-SQL, `DOMAIN=code` on toy HumanEval-form code,
+# `DOMAIN=chat` on toy multi-turn chat through a ChatML template (math is the default).
 BUDGET ?= quick
 DOMAIN ?= math
 DEMO_ARGS ?=

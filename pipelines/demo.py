@@ -1,11 +1,11 @@
 """The whole CLLM loop on the offline default, end to end: `make demo`.
 
-    python pipelines/demo.py [--domain math|sql|code] [--budget quick|long] [--fresh]
+    python pipelines/demo.py [--domain math|sql|code|chat] [--budget quick|long] [--fresh]
 
 Stages, each with its artifacts under --output (default runs/demo/ for math, runs/demo-<domain>/
 otherwise):
   1. teacher   build (first time only, cached under ~/.cache/cllm) or load the toy teacher of
-               --domain (math by default; `make demo DOMAIN=sql`, `make demo DOMAIN=code`);
+               --domain (math by default; `make demo DOMAIN=sql`, `DOMAIN=code`, `DOMAIN=chat`);
   2. collect   Jacobi trajectories of the teacher on the toy training prompts (trajectories/),
                with pipelines/collect.py on a local Ray;
   3. train     consistency-train the CLLM with DeepSpeed on 2 CPU workers (cllm/hf), with
@@ -91,7 +91,11 @@ _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collec
 # 18,000; otherwise SQL's recipe, the AR term on the canonical solutions (docs/results.md#toy-code).
 _CODE_QUICK = replace(BUDGETS["quick"], train_prompts=8_000, train_lr=1e-3, train_packed_states=4,
                       train_ar_target="labels", **_SQL_LENGTHS)
+# Toy chat's replies are formulaic, as math's answers, and at most about 70 tokens: math's recipe, its
+# decodes cut at 80 tokens.
+_CHAT_LENGTHS = {"collect_max_new_tokens": 80, "eval_max_new_tokens": 80}
 DOMAIN_BUDGETS = {
+    "chat": {"quick": replace(BUDGETS["quick"], **_CHAT_LENGTHS), "long": replace(BUDGETS["long"], **_CHAT_LENGTHS)},
     "code": {"quick": _CODE_QUICK, "long": replace(_CODE_QUICK, train_prompts=16_000)},
     "sql": {
         "quick": replace(BUDGETS["quick"], train_prompts=18_000, train_lr=1e-3, train_packed_states=4,

@@ -133,6 +133,22 @@ def test_the_code_demo_trains_on_the_canonical_solutions(tmp_path, monkeypatch):
     assert evaluate[evaluate.index("--prompts") + 1] == "toy-code:heldout"
 
 
+def test_the_chat_demo_runs_on_the_chat_teacher_and_its_conversations(tmp_path, monkeypatch):
+    from cllm_pipelines.demo import DOMAIN_BUDGETS
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("BUDGET", raising=False)
+    chat = parse_args(["--domain", "chat"])
+    assert (chat.model, chat.train_prompts, chat.heldout_prompts) == ("toy-chat", "toy-chat:train", "toy-chat:heldout")
+    assert chat.output == (tmp_path / "runs" / "demo-chat").resolve()
+    assert chat.budget == DOMAIN_BUDGETS["chat"]["quick"] and chat.budget.n_token == 16
+    assert chat.budget.eval_prompts >= 500  # the issue's bar: accuracy on at least 500 held-out conversations
+    stages = {stage.name: stage for stage in build_stages(chat)}
+    assert stages["teacher"].settings == {"model": "toy-chat", "toy_version": TOY_VERSIONS["chat"]}
+    evaluate = stages["evaluate"].settings["args"]
+    assert evaluate[evaluate.index("--prompts") + 1] == "toy-chat:heldout"
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     """The real loop (collect and train on a local Ray, DeepSpeed on 2 CPU workers, evaluate) at
