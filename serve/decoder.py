@@ -19,10 +19,10 @@ text after them (`cllm_serve.resume` is the ingress's side).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, replace
-from typing import Literal
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, Field
 from ray import serve
@@ -50,6 +50,23 @@ from cllm_serve.openai_api import DecodeParams
 
 Mode = Literal["jacobi", "ar"]
 FALLBACK_MAX_TOKENS = 256  # for a model whose context length is unknown
+T = TypeVar("T")
+
+
+async def wait_within(awaitable: Awaitable[T], timeout_s: float) -> T:
+    """`asyncio.wait_for` without its race before Python 3.12: there, a cancellation that arrives
+    as the awaitable completes is swallowed, and a request whose client left decodes to its end.
+    Raises TimeoutError (the builtin) when `timeout_s` passes first."""
+    task = asyncio.ensure_future(awaitable)
+    try:
+        done, _ = await asyncio.wait({task}, timeout=max(timeout_s, 0))
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+    if not done:
+        task.cancel()
+        raise TimeoutError
+    return task.result()
 
 
 class DecoderSettings(BaseModel):
@@ -261,8 +278,8 @@ class Decoder:
                 # Sorted by choice (stable), so each choice's deltas merge into one.
                 return sorted(ready, key=lambda event: event.index) if interval_s > 0 else ready
             try:
-                ready.append(await asyncio.wait_for(queue.get(), remaining))
-            except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+                ready.append(await wait_within(queue.get(), remaining))
+            except TimeoutError:
                 continue
 
     @staticmethod

@@ -42,7 +42,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from cllm_serve.batching import Accepted, Event, Failed, Finished, Rejected, TextDelta
-from cllm_serve.decoder import DecodeRequest
+from cllm_serve.decoder import DecodeRequest, wait_within
 from cllm_serve.metrics import ingress_metrics, serving_metrics
 from cllm_serve.openai_api import (
     ApiError,
@@ -363,8 +363,8 @@ async def read_body(request: Request, limit: int, timeout_s: float) -> bytes:
     """The request body within `timeout_s` (else 408), refused with 413 as soon as it is known to
     exceed `limit` bytes."""
     try:
-        return await asyncio.wait_for(_read_body(request, limit), timeout_s)
-    except (TimeoutError, asyncio.TimeoutError):  # distinct classes before Python 3.11
+        return await wait_within(_read_body(request, limit), timeout_s)
+    except TimeoutError:
         raise ApiError(408, f"the request body did not arrive within {timeout_s:g} s", code="timeout") from None
 
 

@@ -27,7 +27,7 @@ from ray.exceptions import NodeDiedError, RayActorError, RayTaskError, WorkerCra
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 
 from cllm_serve.batching import Accepted, Event, Failed, Finished, TextDelta
-from cllm_serve.decoder import DecodeRequest, ResumedChoice
+from cllm_serve.decoder import DecodeRequest, ResumedChoice, wait_within
 
 logger = logging.getLogger("ray.serve")
 
@@ -156,9 +156,9 @@ class ResumableCall:
                            type(error).__name__, tokens, self.resumptions, self._policy.attempts)
             try:
                 self._call = self._start(self._resumed_request())
-                self._held = await asyncio.wait_for(self._call.__anext__(), deadline - time.monotonic())
+                self._held = await wait_within(self._call.__anext__(), deadline - time.monotonic())
                 return
-            except (TimeoutError, asyncio.TimeoutError):  # no replica took it in time
+            except TimeoutError:  # no replica took it in time
                 self.cancel()
                 self._call = None
                 raise ResumptionFailed(self._give_up_message()) from error
