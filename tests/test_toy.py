@@ -435,8 +435,13 @@ def test_a_tiny_chat_teacher_learns_above_chance_and_carries_its_chat_template(t
     and the generation config's, saved where transformers reads them."""
     from cllm.hf import model_facts, render_chat
 
-    config = dataclasses.replace(TINY, domain="chat", max_length=320, train_tokens=100_000, loss_on_prompt=True)
+    config = dataclasses.replace(TINY, domain="chat", max_length=320, train_tokens=100_000)
     tokenizer, prompts = assert_learns_above_chance(config, tmp_path)
+    # Its earlier replies carry loss as its answer does: each span is one reply and its <|im_end|>.
+    example = max(prompts, key=lambda p: len(p.messages))
+    encoded = teacher._encode(tokenizer, example, config.max_length)
+    replies = [text + "<|im_end|>" for role, text in example.messages if role == "assistant"]
+    assert replies and [tokenizer.decode(encoded.ids[a:b]) for a, b in encoded.reply_spans] == replies
     assert all(render_chat(tokenizer, p.messages) == p.prompt for p in prompts)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token_id == im_end and tokenizer.bos_token_id is None

@@ -41,12 +41,11 @@ Message = tuple[str, str]  # (role, text), as `cllm.hf.Message`
 _SOURCE = f"cllm.toy chat generator v{TOY_VERSIONS['chat']}"
 _ANSWER_RE = re.compile(r"The answer is ([^.\n]+)\.")
 _NAMES = ("Tom", "Anna", "Ben", "Lily", "Sam", "Mia", "Jack", "Emma", "Leo", "Zoe", "Max", "Ava")
+# Eight items a scenario: every item is seen often enough in a few million tokens to be copied.
 _BASKET_ITEMS = (("apple", "apples"), ("pen", "pens"), ("cup", "cups"), ("plate", "plates"), ("lemon", "lemons"),
-                 ("candle", "candles"), ("towel", "towels"), ("onion", "onions"), ("spoon", "spoons"),
-                 ("book", "books"), ("sock", "socks"), ("egg", "eggs"))
+                 ("candle", "candles"), ("towel", "towels"), ("egg", "eggs"))
 _STOCK_ITEMS = (("hammer", "hammers"), ("saw", "saws"), ("drill", "drills"), ("ladder", "ladders"),
-                ("bucket", "buckets"), ("broom", "brooms"), ("lamp", "lamps"), ("rake", "rakes"), ("shovel", "shovels"),
-                ("hose", "hoses"), ("fan", "fans"), ("lock", "locks"))
+                ("bucket", "buckets"), ("broom", "brooms"), ("lamp", "lamps"), ("lock", "locks"))
 _HOURS = tuple(range(5, 11))  # the booking's time, "7 pm"
 
 
@@ -157,10 +156,10 @@ def _counts_conversation(rng: random.Random, kind: str, user_turns: int) -> tupl
     """A basket or stock conversation: (messages up to the final reply, the final reply, its value)."""
     if kind == "basket":
         names = _item_names(rng.sample(_BASKET_ITEMS, 6))
-        system = "You are a shopping assistant. You keep track of the items in the user's basket."
+        system = "You keep track of the user's basket."
     else:
         names = _item_names(rng.sample(_STOCK_ITEMS, 6))
-        system = "You are a stock assistant for a small shop. You keep track of the goods in stock."
+        system = "You keep track of the shop's stock."
     pool = list(names)
     start = [pool.pop() for _ in range(rng.randint(1, 3))]
     counts = _Counts(kind, [(item, rng.randint(1, 12)) for item in start], names)
@@ -187,7 +186,7 @@ def _counts_conversation(rng: random.Random, kind: str, user_turns: int) -> tupl
 def _booking_conversation(rng: random.Random, user_turns: int) -> tuple[list[Message], str, str]:
     """A restaurant booking (people, time, name) changed over the turns, then one of its facts asked."""
     people, hour, name = rng.randint(2, 9), rng.choice(_HOURS), rng.choice(_NAMES)
-    system = "You are a booking assistant for a restaurant. You keep track of the user's table."
+    system = "You keep track of the user's table booking."
 
     def state() -> str:
         return f"Your table is for {people} people at {hour} pm under the name {name}."

@@ -84,11 +84,13 @@ def default_config(domain: str | None = None) -> ToyConfig:
         return ToyConfig(domain="sql", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
                          batch_size=32, train_tokens=3_000_000)
     if domain == "chat":
-        # SQL's size. The prompt carries loss: its earlier assistant turns are replies of the same
-        # form as the answer, so every conversation teaches two or three of them. Conversations of
+        # SQL's size. The earlier assistant replies carry loss as the answer does (the model's own
+        # turns, as multi-turn fine-tuning trains them), the user's and system's turns none: with
+        # the loss on the whole prompt, the teacher learned the frequencies of the user's random
+        # items instead of copying them, 34.8% accurate (docs/results.md#toy-chat). Conversations of
         # three turns reach about 270 tokens.
         return ToyConfig(domain="chat", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
-                         batch_size=32, train_tokens=3_000_000, max_length=320, loss_on_prompt=True)
+                         batch_size=32, train_tokens=4_000_000, max_length=320)
     # SQL's size and budget. The prompt carries loss: its own copies of names and constants (the
     # parameter in the docstring, the name in the examples) teach copying them (docs/results.md#toy-code).
     return ToyConfig(domain="code", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
@@ -165,13 +167,30 @@ def new_teacher(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaF
 class _Encoded:
     ids: list[int]
     prompt_length: int  # tokens (bos included) that carry no loss unless loss_on_prompt
+    # chat: the spans [start, end) of the prompt's earlier assistant replies (content and
+    # <|im_end|>), which carry loss as the answer does: they are the model's own turns.
+    reply_spans: tuple[tuple[int, int], ...] = ()
+
+
+def _reply_spans(tokenizer: PreTrainedTokenizerFast, ids: Sequence[int]) -> tuple[tuple[int, int], ...]:
+    """Where the assistant replies of a ChatML-rendered conversation lie: from after each
+    `<|im_start|>assistant\n` to its `<|im_end|>`, included (a generation prompt has none)."""
+    opening = tokenizer(f"{IM_START}assistant\n", add_special_tokens=False)["input_ids"]
+    im_end = tokenizer.convert_tokens_to_ids(IM_END)
+    spans = []
+    for start in range(len(ids) - len(opening) + 1):
+        if list(ids[start : start + len(opening)]) == opening and im_end in ids[start + len(opening) :]:
+            content = start + len(opening)
+            spans.append((content, ids.index(im_end, content) + 1))
+    return tuple(spans)
 
 
 def _encode(tokenizer: PreTrainedTokenizerFast, example: ToyPrompt, max_length: int) -> _Encoded:
     prompt_ids = tokenizer(example.prompt)["input_ids"]
     answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + answer_ids + [tokenizer.eos_token_id])[:max_length]
-    return _Encoded(ids, len(prompt_ids))
+    replies = _reply_spans(tokenizer, prompt_ids) if example.messages else ()
+    return _Encoded(ids, len(prompt_ids), replies)
 
 
 def _training_documents(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -> Iterator[_Encoded]:
@@ -183,14 +202,19 @@ def _training_documents(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -
 def _batches(documents: Iterator[_Encoded], batch_size: int, pad_id: int,
              loss_on_prompt: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Right-padded (input_ids, attention_mask, labels); padding, and the prompt unless
-    `loss_on_prompt`, carry no loss. Documents are grouped by length within a window of 8
-    batches so that little compute goes to padding."""
+    `loss_on_prompt` (but for a chat prompt's earlier replies), carry no loss. Documents are grouped
+    by length within a window of 8 batches so that little compute goes to padding."""
     while True:
         window = sorted((next(documents) for _ in range(8 * batch_size)), key=lambda d: len(d.ids))
         for start in range(0, len(window), batch_size):
             group = window[start : start + batch_size]
-            yield right_pad([d.ids for d in group], pad_id,
-                            label_starts=[1 if loss_on_prompt else d.prompt_length for d in group])
+            input_ids, mask, labels = right_pad([d.ids for d in group], pad_id,
+                                                label_starts=[1 if loss_on_prompt else d.prompt_length for d in group])
+            if not loss_on_prompt:
+                for row, document in enumerate(group):
+                    for begin, end in document.reply_spans:
+                        labels[row, begin:end] = input_ids[row, begin:end]
+            yield input_ids, mask, labels
 
 
 @dataclass
