@@ -11,7 +11,7 @@ from typing import Any
 from cllm.storage import storage_options
 
 FAULT_MARKER_ENV = "CLLM_TEST_FAULT_MARKER"
-MODEL_HELP = "hub id, local or s3:// directory, or toy / toy-math / toy-sql / toy-code"
+MODEL_HELP = "hub id, local or s3:// directory, or toy / toy-math / toy-sql / toy-code / toy-chat"
 
 
 class InputError(ValueError):
