@@ -85,25 +85,27 @@ def _item_names(items: Sequence[tuple[str, str]]) -> dict[str, tuple[str, str]]:
 
 def _change(rng: random.Random, counts: _Counts, pool: list[str]) -> tuple[str, str]:
     """One change to a basket or stock: (the user's words, the assistant's account of it, without the
-    restated state). More of an item, fewer of one (never below 1), a new item (at most 3 in all, so
-    that a reply that restates them stays short), or an item gone."""
+    restated state). More of an item, fewer of one, a new item (at most 3 in all, so that a reply
+    that restates them stays short), or an item gone. Counts stay single digits, distinct within
+    the state, so that a count names its item: copying an item after its count is then never
+    ambiguous for a tiny model."""
     item = rng.choice([name for name, _ in counts.items])
     count = counts.count(item)
     basket = counts.kind == "basket"
-    kinds = ["more", "fewer"] if count > 1 else ["more"]
-    if pool and len(counts.items) < 3:
-        kinds.append("new")
-    if len(counts.items) > 1:
-        kinds.append("gone")
+    free = [value for value in range(1, 10) if value not in {c for _, c in counts.items}]
+    more = [value - count for value in free if value > count]
+    fewer = [count - value for value in free if value < count]
+    kinds = [kind for kind, possible in (("more", more), ("fewer", fewer), ("new", pool and len(counts.items) < 3),
+                                         ("gone", len(counts.items) > 1)) if possible]
     kind = rng.choice(kinds)
     if kind == "more":
-        added = rng.randint(1, 9)
+        added = rng.choice(more)
         counts.set(item, count + added)
         user = (f"Add {added} more {counts.noun(item, added)}." if basket
                 else f"A delivery brought {counts.say(item, added)}.")
         return user, f"You add {added}, so you have {count} + {added} = {count + added} {counts.names[item][1]}."
     if kind == "fewer":
-        removed = rng.randint(1, min(9, count - 1))
+        removed = rng.choice(fewer)
         counts.set(item, count - removed)
         said = counts.say(item, removed)
         user, verb = (f"Take out {said}.", "take out") if basket else (f"We sold {said}.", "sell")
@@ -111,7 +113,7 @@ def _change(rng: random.Random, counts: _Counts, pool: list[str]) -> tuple[str, 
         return user, f"You {verb} {removed}, so you have {count} - {removed} = {left} {counts.names[item][1]}."
     if kind == "new":
         new = pool.pop()
-        added = rng.randint(1, 9)
+        added = rng.choice(free)
         counts.items.append((new, added))
         said = counts.say(new, added)
         return (f"Also add {said}." if basket else f"A delivery brought {said}."), f"You add {said}."
@@ -128,9 +130,7 @@ def _counts_question(rng: random.Random, counts: _Counts) -> tuple[str, str, str
     where = "in my basket" if basket else "in stock"
     plural = {item: counts.names[item][1] for item, _ in counts.items}
     counted = [count for _, count in counts.items]
-    kinds = ["count", "list", "total"]
-    if len(counts.items) > 1 and counted.count(max(counted)) == 1:
-        kinds.append("most")
+    kinds = ["count", "list", "total", "most"] if len(counts.items) > 1 else ["count", "list", "total"]
     kind = rng.choice(kinds)
     if kind == "count":
         item = rng.choice([name for name, _ in counts.items])
@@ -162,7 +162,7 @@ def _counts_conversation(rng: random.Random, kind: str, user_turns: int) -> tupl
         system = "You keep track of the shop's stock."
     pool = list(names)
     start = [pool.pop() for _ in range(rng.randint(1, 3))]
-    counts = _Counts(kind, [(item, rng.randint(1, 12)) for item in start], names)
+    counts = _Counts(kind, list(zip(start, rng.sample(range(1, 10), len(start)))), names)
     opening = (f"Please put {_join([counts.say(i, c) for i, c in counts.items])} in my basket."
                if kind == "basket" else f"We have {_join([counts.say(i, c) for i, c in counts.items])}.")
     messages: list[Message] = [("system", system)]
@@ -185,7 +185,7 @@ def _counts_conversation(rng: random.Random, kind: str, user_turns: int) -> tupl
 
 def _booking_conversation(rng: random.Random, user_turns: int) -> tuple[list[Message], str, str]:
     """A restaurant booking (people, time, name) changed over the turns, then one of its facts asked."""
-    people, hour, name = rng.randint(2, 9), rng.choice(_HOURS), rng.choice(_NAMES)
+    people, hour, name = rng.randint(2, 8), rng.choice(_HOURS), rng.choice(_NAMES)
     system = "You keep track of the user's table booking."
 
     def state() -> str:
@@ -193,9 +193,10 @@ def _booking_conversation(rng: random.Random, user_turns: int) -> tuple[list[Mes
 
     def change() -> tuple[str, str]:
         nonlocal people, hour, name
-        kind = rng.choice(["more", "fewer", "time", "name"] if people > 2 else ["more", "time", "name"])
-        if kind == "more":
-            added = rng.randint(1, 4)
+        kind = rng.choice([kind for kind, possible in (("more", people < 9), ("fewer", people > 2), ("time", True),
+                                                       ("name", True)) if possible])
+        if kind == "more":  # a single digit, as the counts of a basket
+            added = rng.randint(1, min(4, 9 - people))
             people += added
             return (f"{added} more {'friend is' if added == 1 else 'friends are'} coming.",
                     f"You add {added}, so it is {people - added} + {added} = {people} people.")
