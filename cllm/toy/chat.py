@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import random
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from functools import lru_cache
 
 from cllm.toy import TOY_VERSIONS, Drawn, GeneratedTask
@@ -152,6 +152,25 @@ def _counts_question(rng: random.Random, counts: _Counts) -> tuple[str, str, str
     return f"How many items are {where} in total?", f"{counts.state()} {sums}", str(total)
 
 
+def _turns(rng: random.Random, system: str, opening: str, state: Callable[[], str],
+           change: Callable[[], tuple[str, str]], user_turns: int) -> tuple[list[Message], str, list[str]]:
+    """The conversation before its question, for any scenario: (messages, the words the last user
+    turn says before its question, the start of the final reply). With one user turn that turn is the
+    opening itself. Otherwise the opening and each change get a reply that restates the `state()`,
+    and half the time one last `change()` comes with the question, its account starting the reply."""
+    messages: list[Message] = [("system", system)]
+    if user_turns == 1:
+        return messages, opening, []
+    messages += [("user", opening), ("assistant", f"Noted. {state()}")]
+    for _ in range(user_turns - 2):
+        said, done = change()
+        messages += [("user", said), ("assistant", f"{done} {state()}")]
+    if rng.random() < 0.5:
+        said, done = change()
+        return messages, said, [done]
+    return messages, "", []
+
+
 def _counts_conversation(rng: random.Random, kind: str, user_turns: int) -> tuple[list[Message], str, str]:
     """A basket or stock conversation: (messages up to the final reply, the final reply, its value)."""
     if kind == "basket":
@@ -165,18 +184,7 @@ def _counts_conversation(rng: random.Random, kind: str, user_turns: int) -> tupl
     counts = _Counts(kind, list(zip(start, rng.sample(range(1, 10), len(start)))), names)
     opening = (f"Please put {_join([counts.say(i, c) for i, c in counts.items])} in my basket."
                if kind == "basket" else f"We have {_join([counts.say(i, c) for i, c in counts.items])}.")
-    messages: list[Message] = [("system", system)]
-    user = opening
-    if user_turns > 1:
-        messages += [("user", opening), ("assistant", f"Noted. {counts.state()}")]
-        for _ in range(user_turns - 2):
-            said, done = _change(rng, counts, pool)
-            messages += [("user", said), ("assistant", f"{done} {counts.state()}")]
-        user = ""
-    reply: list[str] = []
-    if user_turns > 1 and rng.random() < 0.5:  # the question comes with one last change
-        user, done = _change(rng, counts, pool)
-        reply = [done]
+    messages, user, reply = _turns(rng, system, opening, counts.state, lambda: _change(rng, counts, pool), user_turns)
     question, answer, value = _counts_question(rng, counts)
     messages.append(("user", f"{user} {question}".strip()))
     reply += [answer, f"The answer is {value}."]
@@ -212,17 +220,7 @@ def _booking_conversation(rng: random.Random, user_turns: int) -> tuple[list[Mes
         return f"Put it under the name {name}.", f"You change the name to {name}."
 
     opening = f"Book a table for {people} people at {hour} pm under the name {name}."
-    messages: list[Message] = [("system", system)]
-    user, reply = opening, []
-    if user_turns > 1:  # as for a basket: the opening turn, changes, and maybe one last with the question
-        messages += [("user", opening), ("assistant", f"Noted. {state()}")]
-        for _ in range(user_turns - 2):
-            said, done = change()
-            messages += [("user", said), ("assistant", f"{done} {state()}")]
-        user = ""
-        if rng.random() < 0.5:
-            user, done = change()
-            reply = [done]
+    messages, user, reply = _turns(rng, system, opening, state, change, user_turns)
     kind = rng.choice(["people", "time", "name"])
     if kind == "people":
         question, answer, value = "How many people is my table for?", f"It is for {people} people.", str(people)
