@@ -63,6 +63,11 @@ class _Choices:
     sampled_probs: dict[int, torch.Tensor]  # row index -> (width, vocab) target distributions
     argmax: torch.Tensor  # (rows, width) likeliest tokens: what recycled n-grams are checked against
 
+    def likeliest(self, index: int) -> list[int]:
+        """Row `index`'s likeliest token at every position. A greedy row's proposals are exactly
+        that, already on the host; only a sampled row's are read off the device."""
+        return self.argmax[index].tolist() if index in self.sampled_probs else self.proposals[index]
+
 
 class Engine:
     """Runs requests on `model` in continuous batches. Not thread-safe: one thread calls it."""
@@ -311,8 +316,8 @@ class Engine:
                 choices.accepted[index], choices.proposals[index], choices.logprobs[index],
                 choices.sampled_probs.get(index),
             )
-            if starts[index]:  # one device sync for the row's choices, only where n-grams rode along
-                row.recycle(verified_before, choices.argmax[index].tolist(), starts[index])
+            if starts[index]:  # only where n-grams rode along
+                row.recycle(verified_before, choices.likeliest(index), starts[index])
 
     @staticmethod
     def _feeds(rows: list[Row]) -> tuple[list[list[int]], FeedTree | None, list[list[int]]]:
