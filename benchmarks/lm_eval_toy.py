@@ -46,8 +46,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig
 
-from cllm.hf import context_length, encode_chat, eos_ids, load_model, load_tokenizer, local_model_dir, pad_id
-from cllm.jacobi import ar_generate, pad_prompts
+from cllm.evaluation import greedy_texts
+from cllm.hf import context_length, encode_chat, load_model, load_tokenizer, local_model_dir
 from cllm.toy import ToyPrompt
 from cllm.toy.chat import final_value
 from cllm.toy.math import final_number
@@ -173,19 +173,6 @@ def run_lm_eval(backend: str, task, limit: int, base_url: str, model_args: dict,
 
 
 # -- our own evaluation ---------------------------------------------------------------------------
-
-
-def greedy_texts(model, tokenizer, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 25) -> list[str]:
-    """Greedy AR decodes of token-id prompts in this process, each up to EOS, as
-    pipelines/evaluate.py decodes."""
-    eos = eos_ids(tokenizer, model.generation_config)
-    texts: list[str] = []
-    for start in range(0, len(prompts), batch_size):
-        input_ids, attention_mask = pad_prompts(prompts[start : start + batch_size], pad_id(tokenizer))
-        output = ar_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
-                             eos_token_id=eos, pad_token_id=pad_id(tokenizer))
-        texts += [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.new_tokens]
-    return texts
 
 
 @torch.inference_mode()

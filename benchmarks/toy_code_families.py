@@ -13,10 +13,8 @@ from __future__ import annotations
 import argparse
 import random
 
-import torch
-
+from cllm.evaluation import greedy_texts
 from cllm.execution import CodeProblem, check_completions
-from cllm.jacobi import ar_generate
 from cllm.toy import is_heldout_question
 from cllm.toy.code import FAMILIES, CodeTask, make_task
 from cllm.toy.teacher import load_toy
@@ -32,16 +30,6 @@ def heldout_tasks(family: str, count: int, seed: int) -> list[CodeTask]:
     return list(tasks.values())
 
 
-def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, batch_size: int = 25) -> list[str]:
-    texts = []
-    for start in range(0, len(prompts), batch_size):
-        encoded = tokenizer(prompts[start : start + batch_size], return_tensors="pt", padding=True)
-        out = ar_generate(model, encoded["input_ids"], encoded["attention_mask"], max_new_tokens=max_new_tokens,
-                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
-        texts += [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in out.new_tokens]
-    return texts
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tasks", type=int, default=30, help="held-out tasks per family")
@@ -51,8 +39,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_toy("code")
     tasks = [task for family in FAMILIES for task in heldout_tasks(family, args.tasks, args.seed)]
-    with torch.inference_mode():
-        texts = greedy_completions(model, tokenizer, [task.prompt for task in tasks], args.max_new_tokens)
+    texts = greedy_texts(model, tokenizer, [tokenizer(task.prompt)["input_ids"] for task in tasks], args.max_new_tokens)
     problems = [CodeProblem(f"{task.family}/{i}", task.prompt, task.test, task.entry_point)
                 for i, task in enumerate(tasks)]
     passed = [result.passed for result in check_completions(problems, texts)]

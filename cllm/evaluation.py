@@ -17,6 +17,7 @@ import torch
 
 from cllm.drafts import PAPER, DecodingOptions
 from cllm.execution import CodeProblem, check_completions, pass_at_1
+from cllm.hf import eos_ids, pad_id
 from cllm.jacobi import (
     GenerationStats,
     JacobiOutput,
@@ -143,6 +144,21 @@ def _decode(
         contender.model, input_ids, attention_mask, n_token=run.n_token, generator=generator,
         return_trajectories=run.options == PAPER, decoding=run.options, **common,
     )
+
+
+@torch.inference_mode()
+def greedy_texts(model, tokenizer, prompts: Sequence[Sequence[int]], max_new_tokens: int,
+                 batch_size: int = 25) -> list[str]:
+    """Greedy AR decodes of token-id prompts, in batches, each up to the model's EOS, as text:
+    for scripts that score a model's outputs without timing them."""
+    eos, pad = eos_ids(tokenizer, model.generation_config), pad_id(tokenizer)
+    texts: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        input_ids, attention_mask = pad_prompts(prompts[start : start + batch_size], pad)
+        output = ar_generate(model, input_ids, attention_mask, max_new_tokens=max_new_tokens,
+                             eos_token_id=eos, pad_token_id=pad)
+        texts += [tokenizer.decode(tokens, skip_special_tokens=True) for tokens in output.new_tokens]
+    return texts
 
 
 def _pick_example_block(trajectories: list[list[list[int]]]) -> list[list[int]] | None:
