@@ -40,7 +40,7 @@ def toy_cache(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("cllm-cache")
     config = ToyConfig(domain="math", vocab_size=300, tokenizer_corpus_docs=300, hidden_size=64,
                        intermediate_size=128, num_layers=2, num_heads=2, train_tokens=400_000,
-                       learning_rate=1e-2, eval_prompts=8, threads=1)
+                       learning_rate=1e-2, eval_prompts=8, processes=1, threads=1)
     load_toy("math", config, cache_dir=root)
     return root
 

@@ -27,7 +27,7 @@ from cllm.toy.tasks import check_answer, exact_match, toy_prompts
 TINY = teacher.ToyConfig(
     domain="math", vocab_size=300, tokenizer_corpus_docs=300, hidden_size=32, intermediate_size=64,
     num_layers=2, num_heads=2, max_length=128, train_tokens=16_000, batch_size=8, learning_rate=1e-2,
-    eval_prompts=8, threads=1,
+    eval_prompts=8, processes=1, threads=1,
 )
 
 
@@ -241,6 +241,21 @@ def test_same_seed_same_tokenizer_and_weights(tiny_build, tmp_path):
     reseeded, _ = teacher.load_toy("math", dataclasses.replace(TINY, seed=1), cache_dir=tmp_path / "again")
     assert not _same_weights(_state(model), _state(reseeded))
     assert teacher.toy_build_info("math", tmp_path / "again")["config"]["seed"] == 1  # rebuilt in place
+
+
+def test_two_training_processes_build_the_one_process_teacher(tiny_build, tmp_path):
+    """Data parallelism changes the speed, not the teacher: each process trains half of every
+    batch and the summed gradients are the whole batch's."""
+    _, model, _ = tiny_build
+    parallel, _ = teacher.load_toy("math", dataclasses.replace(TINY, processes=2), cache_dir=tmp_path)
+    info = teacher.toy_build_info("math", tmp_path)
+    assert info["config"]["processes"] == 2 and info["training"]["tokens"] >= TINY.train_tokens
+    one, two = _state(model), _state(parallel)
+    assert one.keys() == two.keys()
+    for name in one:
+        torch.testing.assert_close(two[name], one[name], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="processes"):
+        dataclasses.replace(TINY, processes=TINY.batch_size + 1)
 
 
 def test_unknown_domain_and_split_are_refused():
