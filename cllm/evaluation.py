@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import torch
 
 from cllm.drafts import PAPER, DecodingOptions
-from cllm.execution import CodeProblem, check_completions, pass_at_1
+from cllm.execution import CodeProblem, check_completions
 from cllm.hf import eos_ids, pad_id
 from cllm.jacobi import (
     GenerationStats,
@@ -31,8 +31,8 @@ from cllm.toy import parse_toy_name
 from cllm.toy.tasks import check_answer, exact_match, has_task_metric
 
 TokenText = Callable[[int], str]
-TaskMetric = Callable[[list[list[int]]], "float | None"]
-"""Maps one run's outputs (per prompt, in prompt order) to a task score in [0, 1], or None."""
+TaskMetric = Callable[[list[str]], list[bool]]
+"""Checks one run's outputs, decoded to text (per prompt, in prompt order): whether each is right."""
 
 
 @dataclass
@@ -71,7 +71,9 @@ class RunResult:
     options: DecodingOptions = PAPER
     seconds: float = 0.0  # decoding wall time summed over batches, warm-up excluded
     example_trajectory: list[list[int]] | None = None  # one block's states, for the Figure 1 plot
-    accuracy: float | None = None  # the task metric of `outputs`, where there is one
+    texts: list[str] | None = None  # `outputs` as text, special tokens skipped: what the task metric reads
+    correct: list[bool] | None = None  # per prompt: the task metric's verdict, where there is one
+    accuracy: float | None = None  # share of `correct`
     exact_match: float | None = None  # sql: share of outputs equal to the reference query
 
     @property
@@ -91,6 +93,7 @@ class ModelEvaluation:
     runs: list[RunResult]
     heldout_loss: float | None = None
     token_text: TokenText = str  # how this model's token ids are shown in the trajectory plot
+    prompt_ids: list[str] | None = None  # of the prompts, in prompt order: outputs.jsonl names them
 
     def run(self, decoding: str, n_token: int) -> RunResult:
         for candidate in self.runs:
@@ -229,62 +232,66 @@ def _record(run: RunResult, output: JacobiOutput) -> None:
 
 def task_metric(
     prompts_spec: str,
-    decode: Callable[[list[int]], str],
     references: Sequence[str | None],
     prompts: Sequence[str] | None = None,
     problems: Sequence[CodeProblem | None] | None = None,
 ) -> TaskMetric | None:
-    """The task metric of the prompts' source as a function of a run's outputs: pass@1 when
-    every prompt is a code problem (`toy-code:heldout`, HumanEval or MBPP files: each output runs
-    its problem's tests in the sandbox); for a toy source with a metric (`toy:heldout`: the final
-    answer matches the reference answer text; `toy-sql:heldout`: execution accuracy on the
-    database each prompt's schema describes, so `prompts` are needed); else None (other data
-    files, or a prompt without a reference)."""
+    """The task metric of the prompts' source, checking a run's texts: pass@1 when every prompt is
+    a code problem (`toy-code:heldout`, HumanEval or MBPP files: each output runs its problem's
+    tests in the sandbox); for a toy source with a metric (`toy:heldout`: the final answer matches
+    the reference answer text; `toy-sql:heldout`: execution accuracy on the database each prompt's
+    schema describes, so `prompts` are needed); else None (other data files, or a prompt without a
+    reference)."""
     if problems and all(problem is not None for problem in problems):
-        return code_pass_at_1(problems, decode)
+        return code_tests_pass(problems)
     toy = parse_toy_name(prompts_spec)
     if toy is None or not has_task_metric(toy.domain) or not references or None in references:
         return None
     if toy.domain == "sql" and (prompts is None or len(prompts) != len(references)):
         return None
-    texts = list(prompts) if prompts is not None else [None] * len(references)
+    prompt_texts = list(prompts) if prompts is not None else [None] * len(references)
 
-    def accuracy(outputs: list[list[int]]) -> float:
-        checks = (check_answer(toy.domain, decode(o), r, p) for o, r, p in zip(outputs, references, texts))
-        return sum(map(bool, checks)) / len(outputs)
+    def checks(texts: list[str]) -> list[bool]:
+        return [bool(check_answer(toy.domain, t, r, p)) for t, r, p in zip(texts, references, prompt_texts)]
 
-    return accuracy
-
-
-def code_pass_at_1(problems: Sequence[CodeProblem], decode: Callable[[list[int]], str]) -> TaskMetric:
-    """pass@1 of a run's outputs: each decoded output, cut at HumanEval's stop sequences, runs its
-    problem's tests in the sandbox, all cores at once."""
-
-    def accuracy(outputs: list[list[int]]) -> float:
-        return pass_at_1(check_completions(problems, [decode(output) for output in outputs]))
-
-    return accuracy
+    return checks
 
 
-def exact_match_metric(
-    prompts_spec: str, decode: Callable[[list[int]], str], references: Sequence[str | None]
-) -> TaskMetric | None:
-    """Share of outputs equal to their reference query (toy sql's exact match), else None."""
+def code_tests_pass(problems: Sequence[CodeProblem]) -> TaskMetric:
+    """Whether each text, cut at HumanEval's stop sequences, passes its problem's tests in the
+    sandbox (all cores at once); their share is pass@1."""
+
+    def checks(texts: list[str]) -> list[bool]:
+        return [result.passed for result in check_completions(problems, texts)]
+
+    return checks
+
+
+def exact_match_metric(prompts_spec: str, references: Sequence[str | None]) -> TaskMetric | None:
+    """Whether each text equals its reference query (toy sql's exact match), else None."""
     toy = parse_toy_name(prompts_spec)
     if toy is None or toy.domain != "sql" or not references or None in references:
         return None
 
-    def share(outputs: list[list[int]]) -> float:
-        return sum(bool(exact_match(toy.domain, decode(o), r)) for o, r in zip(outputs, references)) / len(outputs)
+    def checks(texts: list[str]) -> list[bool]:
+        return [bool(exact_match(toy.domain, t, r)) for t, r in zip(texts, references)]
 
-    return share
+    return checks
 
 
-def score_task(evaluation: ModelEvaluation, metric: TaskMetric | None, exact: TaskMetric | None = None) -> None:
-    """Score every run of `evaluation` with the task metric and exact match (None without)."""
+def score_task(evaluation: ModelEvaluation, decode: Callable[[list[int]], str], metric: TaskMetric | None = None,
+               exact: TaskMetric | None = None) -> None:
+    """Decode every run's outputs to text once, and score the texts with the task metric and exact
+    match (None without): the report's accuracy and outputs.jsonl read the same texts."""
     for run in evaluation.runs:
-        run.accuracy = metric(run.outputs) if metric else None
-        run.exact_match = exact(run.outputs) if exact else None
+        run.texts = [decode(output) for output in run.outputs]
+        run.correct = metric(run.texts) if metric else None
+        run.accuracy = _share(run.correct)
+        run.exact_match = _share(exact(run.texts)) if exact else None
+
+
+def _share(flags: list[bool] | None) -> float | None:
+    return None if flags is None else sum(flags) / max(len(flags), 1)
 
 
 def report_rows(evaluations: Sequence[ModelEvaluation], baseline: str) -> list[ReportRow]:

@@ -1,5 +1,5 @@
 """The evaluation report: the paper's Table 1 as Markdown, the plots, and the files
-(`report.json`, `report.md`, PNGs). matplotlib loads only when a plot is drawn."""
+(`report.json`, `report.md`, `outputs.jsonl`, PNGs). matplotlib loads only when a plot is drawn."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ from cllm.evaluation import ModelEvaluation, ReportRow, RunResult, TokenText, re
 
 REPORT_JSON = "report.json"
 REPORT_MD = "report.md"
+OUTPUTS_JSONL = "outputs.jsonl"
 SPEEDUP_PNG = "speedup.png"
 TPF_HISTOGRAM_PNG = "tpf_histogram.png"
 TRAJECTORY_PNG = "trajectory.png"
@@ -168,7 +169,8 @@ def write_report(
     output_dir: str | Path,
     settings: dict | None = None,
 ) -> list[ReportRow]:
-    """Write report.json, report.md and the three plots into `output_dir`; return the rows."""
+    """Write report.json, report.md, outputs.jsonl and the three plots into `output_dir`; return
+    the rows."""
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
     rows = report_rows(evaluations, baseline)
@@ -181,6 +183,7 @@ def write_report(
         f"# CLLM evaluation\n\nBaseline: `{baseline}` (speedup is over its greedy AR tokens/s; agreement is "
         f"with its greedy AR output).\n\nSettings: {settings_line}\n\n{markdown_table(rows)}"
     )
+    write_outputs(evaluations, output / OUTPUTS_JSONL)
     plot_speedup(rows, output / SPEEDUP_PNG)
     plot_tpf_histogram(evaluations, output / TPF_HISTOGRAM_PNG)
     chosen = trajectory_to_plot(evaluations, baseline)
@@ -194,3 +197,21 @@ def write_report(
         )
     return rows
 
+
+def write_outputs(evaluations: Sequence[ModelEvaluation], path: Path) -> None:
+    """Every decoded text, one JSON line per (model, decoding, n_token, prompt) of the runs that
+    `score_task` decoded, so generations can be read and other tools (a server's replies) compared
+    with them. `decoding` and `n_token` are those of report.json's rows; `correct` is the task
+    metric's verdict (null without one); `prompt_id` is the prompt's position when the evaluation
+    has no ids."""
+    with path.open("w") as file:
+        for evaluation in evaluations:
+            for run in evaluation.runs:
+                if run.texts is None:
+                    continue
+                ids = evaluation.prompt_ids or [str(index) for index in range(len(run.texts))]
+                correct = run.correct if run.correct is not None else [None] * len(run.texts)
+                for prompt_id, output, text, verdict in zip(ids, run.outputs, run.texts, correct):
+                    line = {"model": evaluation.name, "decoding": run.decoding, "n_token": run.n_token,
+                            "prompt_id": prompt_id, "text": text, "new_tokens": len(output), "correct": verdict}
+                    file.write(json.dumps(line) + "\n")

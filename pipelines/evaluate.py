@@ -9,8 +9,11 @@ speedup over the baseline model's AR, fast-forwarded and stationary tokens per b
 (the task metric where there is one: exact final answers for toy math, execution accuracy and
 exact match for toy SQL, pass@1 for code (toy code, HumanEval or MBPP JSONL files: every output's
 tests run in a sandboxed subprocess, `cllm.execution`); agreement with the baseline's greedy
-output; held-out loss on reference answers). Writes report.json, report.md and PNG plots into --output.
-One process keeps the timing fair, so there is no Ray here.
+output; held-out loss on reference answers). Writes report.json, report.md and PNG plots into --output,
+and outputs.jsonl: every decode's text per prompt (model, decoding, n_token, prompt_id, text,
+new_tokens, correct), as the task metric read it, to inspect generations or compare other decoders
+with them (benchmarks/served_vs_evaluated.py compares a server's replies). One process keeps the
+timing fair, so there is no Ray here.
 """
 
 from __future__ import annotations
@@ -146,14 +149,16 @@ def load(name: str, path: str, config: EvaluateConfig) -> LoadedModel:
 
 
 def measure_quality(loaded: LoadedModel, runs: list[RunResult], config: EvaluateConfig) -> ModelEvaluation:
-    """Held-out loss on the reference answers and the task metric of every run's outputs."""
+    """Held-out loss on the reference answers, and every run's outputs as text with the task
+    metric's verdicts."""
     tokenizer, records, contender = loaded.tokenizer, loaded.records, loaded.contender
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True)
 
     evaluation = ModelEvaluation(
-        contender.name, runs, token_text=lambda token: visible_token(tokenizer.decode([token]))
+        contender.name, runs, token_text=lambda token: visible_token(tokenizer.decode([token])),
+        prompt_ids=[record.prompt_id for record in records],
     )
     labels = [record.label_ids for record in records]
     evaluation.heldout_loss = answer_loss(
@@ -162,8 +167,8 @@ def measure_quality(loaded: LoadedModel, runs: list[RunResult], config: Evaluate
     references = [record.answer for record in records]
     prompts = [record.prompt for record in records]
     problems = [record.problem for record in records]
-    score_task(evaluation, task_metric(config.prompts, decode, references, prompts, problems),
-               exact_match_metric(config.prompts, decode, references))
+    score_task(evaluation, decode, task_metric(config.prompts, references, prompts, problems),
+               exact_match_metric(config.prompts, references))
     return evaluation
 
 

@@ -20,6 +20,7 @@ from cllm.evaluation import (
 from cllm.hf import tiny_model
 from cllm.metrics import agreement, answer_loss, common_prefix_fraction
 from cllm.report import (
+    OUTPUTS_JSONL,
     REPORT_JSON,
     REPORT_MD,
     SPEEDUP_PNG,
@@ -58,8 +59,9 @@ def evaluated(tmp_path_factory):
     for contender in contenders:
         evaluation = ModelEvaluation(contender.name, runs[contender.name], token_text=lambda t: f"t{t}")
         evaluation.heldout_loss = answer_loss(contender.model, prompts, answers)
-        # A made-up task metric: the share of outputs that start with an even token.
-        score_task(evaluation, lambda outputs: sum(o[0] % 2 == 0 for o in outputs) / len(outputs))
+        # A made-up task metric on made-up texts: an output is right when it starts with an even token.
+        score_task(evaluation, lambda ids: " ".join(f"t{t}" for t in ids),
+                   lambda texts: [int(text.split()[0][1:]) % 2 == 0 for text in texts])
         evaluations.append(evaluation)
     output = tmp_path_factory.mktemp("report")
     rows = write_report(evaluations, "teacher", output, settings={"limit": 4})
@@ -72,6 +74,7 @@ def test_report_json_is_well_formed(evaluated):
     assert report["baseline"] == "teacher"
     assert report["settings"] == {"limit": 4}
     assert len(report["rows"]) == 2 * 3  # two models x (AR, Jacobi n=4, Jacobi n=8)
+    assert len((output / OUTPUTS_JSONL).read_text().splitlines()) == 2 * 3 * 4  # a line per row and prompt
     for row in report["rows"]:
         assert REPORT_FIELDS <= set(row)
         assert row["decoding"] in ("ar", "jacobi")
@@ -154,36 +157,28 @@ def test_unknown_baseline_is_rejected(evaluated):
 
 
 def test_task_metric_scores_math_answers_of_toy_sources_only():
-    vocabulary = ["The answer is 7.", "The answer is 8.", "no idea"]
-
-    def decode(ids: list[int]) -> str:
-        return " ".join(vocabulary[i] for i in ids)
-
     references = ["3 + 4 = 7. The answer is 7.", "The answer is 8."]
     for source in ("toy:heldout", "toy-math:heldout", "toy-math"):
-        metric = task_metric(source, decode, references)
-        assert metric([[0], [2]]) == 0.5
-        assert metric([[0], [1]]) == 1.0
-    assert task_metric("toy-code:heldout", decode, references) is None  # code needs its problems' tests
-    assert task_metric("data/gsm8k.jsonl", decode, references) is None
-    assert task_metric("toy:heldout", decode, [references[0], None]) is None  # a reference is missing
+        metric = task_metric(source, references)
+        assert metric(["The answer is 7.", "no idea"]) == [True, False]
+        assert metric(["The answer is 7.", "The answer is 8."]) == [True, True]
+    assert task_metric("toy-code:heldout", references) is None  # code needs its problems' tests
+    assert task_metric("data/gsm8k.jsonl", references) is None
+    assert task_metric("toy:heldout", [references[0], None]) is None  # a reference is missing
 
 
 def test_code_is_scored_by_pass_at_1_when_every_prompt_has_tests():
     from cllm.execution import CodeProblem
 
-    bodies = ["    return a + b\n", "    return a - b\n", "    while True:\n        pass\n",
-              "    return a + b\ndef add(a, b):\n    return 0\n"]  # the last is cut at its stop sequence
-
-    def decode(ids: list[int]) -> str:
-        return "".join(bodies[i] for i in ids)
+    right, wrong = "    return a + b\n", "    return a - b\n"
+    cut = "    return a + b\ndef add(a, b):\n    return 0\n"  # cut at its stop sequence
 
     check = "def check(candidate):\n    assert candidate(2, 3) == 5\n"
     add = CodeProblem("t/0", "def add(a: int, b: int) -> int:\n", check, "add")
-    metric = task_metric("HumanEval.jsonl.gz", decode, ["    return a + b\n"] * 2, problems=[add, add])
-    assert metric([[0], [1]]) == 0.5
-    assert metric([[3], [0]]) == 1.0
-    assert task_metric("HumanEval.jsonl.gz", decode, ["x", "y"], problems=[add, None]) is None
+    metric = task_metric("HumanEval.jsonl.gz", [right] * 2, problems=[add, add])
+    assert metric([right, wrong]) == [True, False]
+    assert metric([cut, right]) == [True, True]
+    assert task_metric("HumanEval.jsonl.gz", ["x", "y"], problems=[add, None]) is None
 
 
 @pytest.fixture(scope="module")
@@ -225,6 +220,34 @@ def test_pipeline_writes_the_report(saved_models, tmp_path, capsys):
         assert (output / name).read_bytes().startswith(PNG_MAGIC)
     printed = capsys.readouterr().out
     assert "| tuned | jacobi | 8 |" in printed and str(output / REPORT_MD) in printed
+
+
+def test_pipeline_writes_every_text_once_per_prompt(saved_models, tmp_path):
+    """outputs.jsonl: a line per model, report row and prompt, the texts the accuracy scored, and
+    Jacobi's texts equal to AR's (greedy Jacobi is lossless)."""
+    from cllm_pipelines.evaluate import main
+
+    output = tmp_path / "report"
+    main(["--models", f"base={saved_models['base']}", f"tuned={saved_models['tuned']}",
+          "--prompts", "toy-math:heldout", "--limit", "3", "--n-token", "4", "--drafting", "paper", "lookup",
+          "--max-new-tokens", "8", "--repeats", "1", "--output", str(output)])
+    report = json.loads((output / REPORT_JSON).read_text())
+    lines = [json.loads(line) for line in (output / OUTPUTS_JSONL).read_text().splitlines()]
+    assert len(report["rows"]) == 2 * 3  # AR, Jacobi n=4, Jacobi+lookup n=4
+    assert len(lines) == len(report["rows"]) * 3
+    for row in report["rows"]:
+        mine = [line for line in lines if (line["model"], line["decoding"], line["n_token"])
+                == (row["model"], row["decoding"], row["n_token"])]
+        assert len({line["prompt_id"] for line in mine}) == 3
+        assert all(line["prompt_id"].startswith("toy-math-") for line in mine)
+        assert sum(line["correct"] for line in mine) / 3 == pytest.approx(row["accuracy"])
+    for model in ("base", "tuned"):
+        ar = {line["prompt_id"]: line["text"] for line in lines if line["model"] == model and line["decoding"] == "ar"}
+        assert any(ar.values())  # something was decoded
+        for line in lines:
+            if line["model"] == model:
+                assert line["text"] == ar[line["prompt_id"]], line
+                assert 0 <= line["new_tokens"] <= 8
 
 
 def test_pipeline_rejects_an_unknown_baseline(saved_models, tmp_path):
