@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -30,6 +29,7 @@ from cllm.progress import Progress, format_seconds
 from cllm.schedule import warmup_cosine
 from cllm.toy import DEFAULT_DOMAIN, DOMAINS, ToyPrompt, resolve_domain, toy_version
 from cllm.toy.chat import CHAT_TEMPLATE, IM_END, IM_START
+from cllm.toy.processes import run_ranks, sum_across_processes
 from cllm.toy.tasks import GENERATED_TASKS, toy_prompts
 
 PAD, BOS, EOS = "<pad>", "<bos>", "<eos>"
@@ -59,9 +59,8 @@ class ToyConfig:
     weight_decay: float = 0.1
     warmup_fraction: float = 0.03
     loss_on_prompt: bool = False  # False: only answer tokens (and EOS) carry loss
-    # On a CPU, data-parallel processes of one thread each train about 1.3x faster than one
-    # process on as many threads (docs/results.md#toy-teachers). Results do not depend on it: every
-    # process sees the whole batch and the gradients sum to the whole batch's.
+    # On a CPU, single-threaded data-parallel processes train 1.3x faster than one process on as
+    # many threads (docs/results.md#toy-teachers), to the same teacher (summed whole-batch gradients).
     processes: int = 2
     threads: int = 1  # per process
     # held-out evaluation recorded with the build
@@ -279,7 +278,7 @@ def train_teacher(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, c
             out_of_time = config.max_seconds is not None and report.seconds > config.max_seconds
             loss, out_of_time = loss.detach(), torch.tensor(float(out_of_time))
             if world_size > 1:  # every process stops at the same step when any is out of time
-                loss, out_of_time = _sum_across_processes(parameters, torch.stack([loss, out_of_time]))
+                loss, out_of_time = sum_across_processes(parameters, torch.stack([loss, out_of_time]))
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step()
             report.steps += 1
@@ -296,21 +295,6 @@ def train_teacher(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, c
     report.final_loss = float(smoothed) if smoothed is not None else float("nan")
     model.eval()
     return report
-
-
-def _sum_across_processes(parameters: Sequence[torch.nn.Parameter], extras: torch.Tensor) -> torch.Tensor:
-    """Sum every process's gradients and `extras` in one all-reduce; the summed extras. Each
-    gradient is a sum over the process's rows divided by the whole batch's count, so the sums are
-    the whole batch's."""
-    gradients = [parameter.grad if parameter.grad is not None else torch.zeros_like(parameter)
-                 for parameter in parameters]
-    flat = torch.cat([gradient.reshape(-1) for gradient in gradients] + [extras.reshape(-1)])
-    torch.distributed.all_reduce(flat)
-    offset = 0
-    for parameter, gradient in zip(parameters, gradients):
-        parameter.grad = flat[offset : offset + gradient.numel()].view_as(parameter)
-        offset += gradient.numel()
-    return flat[offset:]
 
 
 def _train_process(rank: int, rendezvous: str) -> None:
@@ -337,41 +321,15 @@ def _train_process(rank: int, rendezvous: str) -> None:
 
 def _train_in_processes(config: ToyConfig,
                         tokenizer: PreTrainedTokenizerFast) -> tuple[LlamaForCausalLM, TrainingReport]:
-    """Train a new teacher in `config.processes` CPU processes; (the model, the report). Each is a
-    fresh interpreter rather than a multiprocessing child, which would re-import the caller's main
-    module (a script without a main guard, a Ray worker)."""
-    package_root = str(Path(__file__).resolve().parents[2])
-    search_path = os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")]))
-    environment = {**os.environ, "PYTHONPATH": search_path}
+    """Train a new teacher in `config.processes` CPU processes; (the model, the report)."""
     with tempfile.TemporaryDirectory(prefix="toy-teacher-") as rendezvous:
         Path(rendezvous, "config.json").write_text(json.dumps(asdict(config)))
         tokenizer.save_pretrained(rendezvous, save_jinja_files=False)
-        code = "import sys; from cllm.toy.teacher import _train_process; _train_process(int(sys.argv[1]), sys.argv[2])"
-        processes = [subprocess.Popen([sys.executable, "-c", code, str(rank), rendezvous], env=environment)
-                     for rank in range(config.processes)]
-        try:
-            failed = _wait_all(processes)
-        finally:
-            for process in processes:  # on an interrupt or a failure, none is left running
-                process.kill()
-                process.wait()
-        if failed:
-            raise RuntimeError(f"toy teacher training process(es) {failed} failed; see their output above")
+        run_ranks("cllm.toy.teacher", "_train_process", config.processes, rendezvous)
         model = new_teacher(config, tokenizer)
         model.load_state_dict(torch.load(Path(rendezvous, "model.pt"), weights_only=True))
         report = TrainingReport(**json.loads(Path(rendezvous, "report.json").read_text()))
     return model.eval(), report
-
-
-def _wait_all(processes: Sequence[subprocess.Popen]) -> list[int]:
-    """Wait until every process has exited, or one has failed (its peers would wait on it in the
-    next all-reduce forever); the ranks that failed."""
-    while True:
-        codes = [process.poll() for process in processes]
-        failed = [rank for rank, code in enumerate(codes) if code not in (None, 0)]
-        if failed or all(code == 0 for code in codes):
-            return failed
-        time.sleep(0.2)
 
 
 def heldout_loss(model: torch.nn.Module, tokenizer: PreTrainedTokenizerFast,
