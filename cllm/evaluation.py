@@ -27,6 +27,7 @@ from cllm.jacobi import (
     pad_prompts,
 )
 from cllm.metrics import agreement, repetition_rate
+from cllm.sampling import SamplingParams
 from cllm.toy import parse_toy_name
 from cllm.toy.tasks import check_answer, exact_match, has_task_metric
 
@@ -44,6 +45,11 @@ class DecodeSettings:
     batch_size: int = 1
     seed: int = 0  # seeds the Jacobi initial guesses, so reruns draw the same guesses
     repeats: int = 1  # timed decodes per batch and method; the fastest counts (noise only slows)
+    # Speed is timed on the first `timed_prompts` (None: all) at `batch_size`; the rest are decoded
+    # once, untimed, `untimed_batch_size` at a time, for quality and tokens per forward only (a
+    # row's outputs and forwards do not depend on its batch): at batch size 1 timing costs 10x.
+    timed_prompts: int | None = None
+    untimed_batch_size: int = 16
     drafting: dict[str, DecodingOptions] = field(default_factory=lambda: {"paper": PAPER})
     """Jacobi variants to run at every block size, by name ("paper": the paper's rule)."""
 
@@ -69,7 +75,8 @@ class RunResult:
     outputs: list[list[int]]  # per prompt, in prompt order
     per_prompt: list[RowStats]
     options: DecodingOptions = PAPER
-    seconds: float = 0.0  # decoding wall time summed over batches, warm-up excluded
+    seconds: float = 0.0  # decoding wall time summed over the timed batches, warm-up excluded
+    timed_new_tokens: int = 0  # tokens those timed batches generated
     example_trajectory: list[list[int]] | None = None  # one block's states, for the Figure 1 plot
     texts: list[str] | None = None  # `outputs` as text, special tokens skipped: what the task metric reads
     correct: list[bool] | None = None  # per prompt: the task metric's verdict, where there is one
@@ -82,7 +89,7 @@ class RunResult:
 
     @property
     def tokens_per_second(self) -> float:
-        return self.total.new_tokens / self.seconds if self.seconds > 0 else 0.0
+        return self.timed_new_tokens / self.seconds if self.seconds > 0 else 0.0
 
 
 @dataclass
@@ -131,10 +138,10 @@ class ReportRow:
 # -- batching and decoding -------------------------------------------------------------------
 
 
-def _decode(
-    contender: Contender, prompts: Sequence[list[int]], run: RunResult, settings: DecodeSettings
-) -> JacobiOutput:
-    input_ids, attention_mask = pad_prompts(prompts, contender.pad_token_id)
+def _decode(contender: Contender, start: int, stop: int, run: RunResult, settings: DecodeSettings) -> JacobiOutput:
+    """Prompts start..stop of `contender`; prompt i's Jacobi guesses are seeded with seed + i, so
+    they do not depend on how the prompts are batched."""
+    input_ids, attention_mask = pad_prompts(contender.prompts[start:stop], contender.pad_token_id)
     common = {
         "max_new_tokens": settings.max_new_tokens,
         "eos_token_id": contender.eos_token_ids,
@@ -142,10 +149,10 @@ def _decode(
     }
     if run.decoding == "ar":
         return ar_generate(contender.model, input_ids, attention_mask, **common)
-    generator = torch.Generator().manual_seed(settings.seed)
     return jacobi_generate(
-        contender.model, input_ids, attention_mask, n_token=run.n_token, generator=generator,
-        return_trajectories=run.options == PAPER, decoding=run.options, **common,
+        contender.model, input_ids, attention_mask, n_token=run.n_token,
+        sampling=SamplingParams(seed=settings.seed + start), return_trajectories=run.options == PAPER,
+        decoding=run.options, **common,
     )
 
 
@@ -185,12 +192,15 @@ def compare_decoding(
     For a fair wall-clock comparison every (model, method) first decodes the first batch once
     untimed (warm-up: allocator, kernels, caches); then, batch by batch, all models and methods
     take turns, so a slow spell of a shared machine hits them alike, and with `repeats` > 1 each
-    batch's fastest decode counts. `on_batch(done, total)` reports progress."""
+    timed batch's fastest decode counts. `on_batch(done, total)` reports progress."""
     counts = {len(contender.prompts) for contender in contenders}
     if len(counts) != 1 or 0 in counts:
         raise ValueError(f"every contender needs the same, non-zero number of prompts, got {sorted(counts)}")
-    if settings.repeats < 1:
-        raise ValueError(f"repeats must be >= 1, got {settings.repeats}")
+    if settings.repeats < 1 or settings.batch_size < 1 or settings.untimed_batch_size < 1:
+        raise ValueError("repeats and batch sizes must be >= 1, got "
+                         f"{settings.repeats}, {settings.batch_size}, {settings.untimed_batch_size}")
+    if settings.timed_prompts is not None and settings.timed_prompts < 1:
+        raise ValueError(f"timed_prompts must be >= 1 (or None: all), got {settings.timed_prompts}")
     methods = [("ar", 1, PAPER)] + [
         ("jacobi" if name == "paper" else f"jacobi+{name}", n, options)
         for n in settings.n_tokens
@@ -200,24 +210,36 @@ def compare_decoding(
         c.name: [RunResult(decoding, n, outputs=[], per_prompt=[], options=options) for decoding, n, options in methods]
         for c in contenders
     }
-    timed = [(contender, run) for contender in contenders for run in runs[contender.name]]
-    for contender, run in timed:
-        _decode(contender, contender.prompts[: settings.batch_size], run, settings)
-    starts = range(0, counts.pop(), settings.batch_size)
-    for done, start in enumerate(starts, start=1):
-        fastest = [math.inf] * len(timed)
-        for repeat in range(settings.repeats):
-            for index, (contender, run) in enumerate(timed):
+    every = [(contender, run) for contender in contenders for run in runs[contender.name]]
+    for contender, run in every:
+        _decode(contender, 0, settings.batch_size, run, settings)
+    batches = _batches(counts.pop(), settings)
+    for done, (start, stop, timed) in enumerate(batches, start=1):
+        fastest = [math.inf] * len(every)
+        for repeat in range(settings.repeats if timed else 1):
+            for index, (contender, run) in enumerate(every):
                 began = time.perf_counter()
-                output = _decode(contender, contender.prompts[start : start + settings.batch_size], run, settings)
+                output = _decode(contender, start, stop, run, settings)
                 fastest[index] = min(fastest[index], time.perf_counter() - began)
                 if repeat == 0:  # decoding is deterministic: later repeats only retime it
                     _record(run, output)
-        for (_, run), seconds in zip(timed, fastest):
-            run.seconds += seconds
+                    if timed:
+                        run.timed_new_tokens += sum(map(len, output.new_tokens))
+        if timed:
+            for (_, run), seconds in zip(every, fastest):
+                run.seconds += seconds
         if on_batch is not None:
-            on_batch(done, len(starts))
+            on_batch(done, len(batches))
     return runs
+
+
+def _batches(prompts: int, settings: DecodeSettings) -> list[tuple[int, int, bool]]:
+    """(start, stop, timed) of every batch: the timed prompts first, then the untimed rest."""
+    timed = prompts if settings.timed_prompts is None else min(settings.timed_prompts, prompts)
+    timed_batches = [(start, min(start + settings.batch_size, timed), True)
+                     for start in range(0, timed, settings.batch_size)]
+    return timed_batches + [(start, min(start + settings.untimed_batch_size, prompts), False)
+                            for start in range(timed, prompts, settings.untimed_batch_size)]
 
 
 def _record(run: RunResult, output: JacobiOutput) -> None:

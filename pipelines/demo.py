@@ -58,6 +58,7 @@ class Budget:
     eval_n_tokens: tuple[int, ...]
     eval_max_new_tokens: int
     eval_repeats: int = 3  # timed decodes per batch and method, the fastest counts
+    eval_timed_prompts: int | None = None  # speed timed on these first prompts at batch size 1 (None: all)
     train_packed_states: int | None = None  # states packed per row: all, or this many sampled
     train_ar_target: ArTarget = "fixed-point"  # the AR term's target: the fixed point, or the prompts' answers
     collect_batch_size: int = 16
@@ -70,12 +71,15 @@ BUDGETS = {
         eval_prompts=3, eval_n_tokens=(4,), eval_max_new_tokens=8,
     ),
     # More prompts seen once keep more accuracy than passes over fewer, and 500 scored prompts show
-    # a quality loss that 100 hide (docs/results.md#training-recipe). One block size, the trained
-    # one, is scored: each other size costs two more decodes of every prompt.
+    # a quality loss that 100 hide (docs/results.md#training-recipe), but their speed is timed on
+    # 100: at batch size 1 every prompt costs 10x. One block size, the trained one, is scored. 4
+    # packed states of the 11 or so a block has put the time into more rows, which raises TPF at a
+    # higher rate; the AR term trains on the prompts' reference answers, as the teacher's fixed
+    # points would teach its errors (docs/results.md#training-recipe).
     "quick": Budget(
         train_prompts=3000, n_token=16, collect_max_new_tokens=96, train_epochs=1, train_max_steps=None,
-        train_lr=3e-4,
-        eval_prompts=500, eval_n_tokens=(16,), eval_max_new_tokens=96, eval_repeats=1,
+        train_lr=1e-3, train_packed_states=4, train_ar_target="labels",
+        eval_prompts=500, eval_n_tokens=(16,), eval_max_new_tokens=96, eval_repeats=1, eval_timed_prompts=100,
     ),
     "long": Budget(
         train_prompts=3000, n_token=16, collect_max_new_tokens=96, train_epochs=3, train_max_steps=None,
@@ -83,27 +87,21 @@ BUDGETS = {
         eval_prompts=1000, eval_n_tokens=(8, 16), eval_max_new_tokens=96, eval_repeats=1,
     ),
 }
-# Toy SQL's answers are one or two blocks, so as many training blocks take more prompts; 4 packed
-# states of 11 put the time into more rows, which raises TPF; the AR term trains on the gold queries,
-# as the teacher's fixed points would teach its errors (docs/results.md#toy-sql). Short answers let
-# collection batch 32 prompts.
+# Toy SQL's answers are one or two blocks, so as many training blocks take more prompts. Short
+# answers let collection batch 32 prompts.
 _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collect_batch_size": 32}
 # Toy code's bodies are two to four blocks, so 8,000 prompts give as many training blocks as SQL's
-# 18,000; otherwise SQL's recipe, the AR term on the canonical solutions (docs/results.md#toy-code).
-_CODE_QUICK = replace(BUDGETS["quick"], train_prompts=8_000, train_lr=1e-3, train_packed_states=4,
-                      train_ar_target="labels", **_SQL_LENGTHS)
-# Toy chat's replies are at most about 70 tokens, cut at 80. Its teacher is narrow and imperfect, as
-# code's: SQL's and code's recipe (math's reached TPF 1.30; docs/results.md#toy-chat), on 6,000 prompts.
+# 18,000 (docs/results.md#toy-code).
+_CODE_QUICK = replace(BUDGETS["quick"], train_prompts=8_000, **_SQL_LENGTHS)
+# Toy chat's replies are at most about 70 tokens, cut at 80 (docs/results.md#toy-chat).
 _CHAT_LENGTHS = {"collect_max_new_tokens": 80, "eval_max_new_tokens": 80}
-_CHAT_QUICK = replace(BUDGETS["quick"], train_prompts=6_000, train_lr=1e-3, train_packed_states=4,
-                      train_ar_target="labels", **_CHAT_LENGTHS)
+_CHAT_QUICK = replace(BUDGETS["quick"], train_prompts=6_000, **_CHAT_LENGTHS)
 DOMAIN_BUDGETS = {
     "chat": {"quick": _CHAT_QUICK,
              "long": replace(_CHAT_QUICK, train_epochs=3, eval_prompts=1000, eval_n_tokens=(8, 16))},
     "code": {"quick": _CODE_QUICK, "long": replace(_CODE_QUICK, train_prompts=16_000)},
     "sql": {
-        "quick": replace(BUDGETS["quick"], train_prompts=18_000, train_lr=1e-3, train_packed_states=4,
-                         train_ar_target="labels", **_SQL_LENGTHS),
+        "quick": replace(BUDGETS["quick"], train_prompts=18_000, **_SQL_LENGTHS),
         "long": replace(BUDGETS["long"], train_prompts=27_000, train_epochs=1, eval_prompts=500, **_SQL_LENGTHS),
     },
 }
@@ -211,6 +209,7 @@ def build_stages(config: DemoConfig) -> list[Stage]:
         "--prompts", config.heldout_prompts, "--n-token", *map(str, budget.eval_n_tokens),
         "--max-new-tokens", str(budget.eval_max_new_tokens), "--limit", str(budget.eval_prompts),
         "--repeats", str(budget.eval_repeats),
+        *(["--timed-prompts", str(budget.eval_timed_prompts)] if budget.eval_timed_prompts else []),
         "--output", str(report), "--seed", str(config.seed),
     ]
     return [

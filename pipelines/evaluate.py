@@ -59,6 +59,7 @@ class EvaluateConfig:
     output: str
     seed: int
     repeats: int
+    timed_prompts: int | None = None  # timed at --batch-size; the rest decoded untimed (None: all timed)
     s3_endpoint: str | None = None  # of an S3-compatible store holding --prompts
     drafting: dict[str, DecodingOptions] | None = None  # Jacobi variants by name (None: the paper's rule)
 
@@ -88,6 +89,9 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
     parser.add_argument("--batch-size", type=int, default=1,
                         help="prompts decoded together (default: 1, as in the paper)")
     parser.add_argument("--output", default="runs/evaluate", help="report directory (default: runs/evaluate)")
+    parser.add_argument("--timed-prompts", type=int, default=0,
+                        help="time speed on the first N prompts only, at --batch-size; the rest are decoded once, "
+                             "untimed, 16 at a time, for quality and tokens per forward (default: 0, time all)")
     add_seed_flag(parser, help_text="seed of the Jacobi initial guesses")
     parser.add_argument("--repeats", type=int, default=3,
                         help="timed decodes per batch and method, the fastest counts (default: 3)")
@@ -111,6 +115,8 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
         drafting_variants = {name: variant(name, techniques) for name in dict.fromkeys(args.drafting)}
     except ValueError as error:
         parser.error(str(error))
+    if args.timed_prompts < 0:
+        parser.error(f"--timed-prompts must be >= 0, got {args.timed_prompts}")
     models = dict(args.models)
     if len(models) != len(args.models):
         parser.error("model names must be unique")
@@ -121,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> EvaluateConfig:
         models=models, baseline=baseline, prompts=args.prompts, format=args.format,
         n_tokens=args.n_tokens, max_new_tokens=args.max_new_tokens, limit=args.limit or None,
         batch_size=args.batch_size, output=args.output, seed=args.seed,
-        repeats=args.repeats, s3_endpoint=args.s3_endpoint,
+        repeats=args.repeats, timed_prompts=args.timed_prompts or None, s3_endpoint=args.s3_endpoint,
         drafting=drafting_variants,
     )
 
@@ -178,10 +184,15 @@ def main(argv: list[str] | None = None) -> list[ReportRow]:
     loaded = [load(name, path, config) for name, path in config.models.items()]
     settings = DecodeSettings(
         n_tokens=config.n_tokens, max_new_tokens=config.max_new_tokens, batch_size=config.batch_size, seed=config.seed,
-        repeats=config.repeats, drafting=config.drafting or DecodeSettings().drafting,
+        repeats=config.repeats, timed_prompts=config.timed_prompts,
+        drafting=config.drafting or DecodeSettings().drafting,
     )
-    print(f"timing AR vs Jacobi n={config.n_tokens}, models interleaved batch by batch", file=sys.stderr, flush=True)
-    progress = Progress("evaluate", math.ceil(len(loaded[0].records) / config.batch_size), unit="batches")
+    prompts = len(loaded[0].records)
+    timed = prompts if config.timed_prompts is None else min(config.timed_prompts, prompts)
+    print(f"timing AR vs Jacobi n={config.n_tokens} on {timed} of {prompts} prompts, models interleaved batch by "
+          "batch", file=sys.stderr, flush=True)
+    batches = math.ceil(timed / config.batch_size) + math.ceil((prompts - timed) / settings.untimed_batch_size)
+    progress = Progress("evaluate", batches, unit="batches")
     runs = compare_decoding([model.contender for model in loaded], settings,
                             on_batch=lambda done, total: progress.update(done))
     progress.close()

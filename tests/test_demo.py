@@ -106,9 +106,14 @@ def test_the_domain_picks_teacher_prompts_output_and_budget(tmp_path, monkeypatc
     train = stages["train"].settings["args"]
     assert train[train.index("--packed-states") + 1] == str(sql.budget.train_packed_states)
     assert train[train.index("--ar-target") + 1] == "labels"  # toy SQL's quick CLLM learns the gold queries
-    math_train = {stage.name: stage for stage in build_stages(math)}["train"].settings["args"]
-    assert "--ar-target" not in math_train  # train's default, the fixed point
-    assert "--packed-states" not in math_train
+    math_stages = {stage.name: stage for stage in build_stages(math)}
+    math_train = math_stages["train"].settings["args"]
+    assert math_train[math_train.index("--ar-target") + 1] == "labels"  # every domain's quick recipe
+    math_evaluate = math_stages["evaluate"].settings["args"]
+    assert math_evaluate[math_evaluate.index("--limit") + 1] == "500"  # scored on 500, timed on 100
+    assert math_evaluate[math_evaluate.index("--timed-prompts") + 1] == "100"
+    long_evaluate = {stage.name: stage for stage in build_stages(parse_args(["--budget", "long"]))}["evaluate"]
+    assert "--timed-prompts" not in long_evaluate.settings["args"]  # the long budget times every prompt
     assert parse_args(["--domain", "sql", "--budget", "tiny"]).budget == BUDGETS["tiny"]
     # every budget scores prompts the held-out split has (distinct questions, a bounded number)
     assert all(budget.eval_prompts <= toy_sql.TASK.max_heldout_prompts for budget in DOMAIN_BUDGETS["sql"].values())

@@ -284,6 +284,27 @@ def test_progress_is_reported_per_batch():
     assert [len(run.outputs) for run in runs["a"]] == [5, 5]
 
 
+def test_only_the_timed_prompts_are_timed_and_every_prompt_is_scored():
+    """With `timed_prompts`, speed comes from the first prompts at the timed batch size; the rest
+    are decoded in larger untimed batches, with the same outputs and forwards as all timed."""
+    model = tiny_model("llama", vocab_size=VOCAB, seed=0)
+    prompts = _prompts(7)
+    calls = []
+    everything = DecodeSettings(n_tokens=[4], max_new_tokens=8, batch_size=1)
+    subset = DecodeSettings(n_tokens=[4], max_new_tokens=8, batch_size=1, timed_prompts=2, untimed_batch_size=4)
+    timed_all = compare_decoding([Contender("a", model, prompts)], everything)["a"]
+    timed_two = compare_decoding([Contender("a", model, prompts)], subset,
+                                 on_batch=lambda done, total: calls.append((done, total)))["a"]
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]  # 2 timed batches of 1, then 5 prompts in 4 + 1
+    for all_run, subset_run in zip(timed_all, timed_two):
+        assert subset_run.outputs == all_run.outputs
+        assert [row.forwards for row in subset_run.per_prompt] == [row.forwards for row in all_run.per_prompt]
+        assert subset_run.timed_new_tokens == sum(map(len, subset_run.outputs[:2]))
+        assert 0 < subset_run.seconds and subset_run.tokens_per_second > 0
+    with pytest.raises(ValueError, match="timed_prompts"):
+        compare_decoding([Contender("a", model, prompts)], DecodeSettings(n_tokens=[4], timed_prompts=0))
+
+
 def test_drafting_variants_get_a_row_each_with_the_same_outputs(tmp_path):
     """Each drafting variant is a row per block size, with outputs identical to AR and its
     wall-clock compared with the paper's rule at the same n."""
