@@ -83,7 +83,7 @@ def default_config(domain: str | None = None) -> ToyConfig:
         return ToyConfig(domain="math", hidden_size=128, intermediate_size=384, num_heads=8, batch_size=32,
                          learning_rate=3e-3, train_tokens=4_000_000)
     if domain == "sql":
-        # The math teacher's size. A larger vocabulary than math's makes every table, column and
+        # A larger vocabulary than math's makes every table, column and
         # keyword one token, as in the schema so in the query, which keeps copying them simple.
         # Digits stay split as for math, as BPE-merged numbers are copied as near neighbours, and 8
         # heads copy numbers with far fewer errors than 4 at nearly the same cost
