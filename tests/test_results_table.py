@@ -23,10 +23,10 @@ def load_script():
 
 
 def run(decoding: str, n_token: int, forwards: list[int], seconds: float, accuracy: float) -> RunResult:
-    """Two prompts answered [1, 2, 3] and [4, 5] (5 tokens), in the given forwards per prompt."""
+    """Two prompts answered [1, 2, 3] and [4, 5] (5 tokens, all timed), in the given forwards per prompt."""
     per_prompt = [RowStats(forwards=f, new_tokens=n, iterations_per_block=[f]) for f, n in zip(forwards, [3, 2])]
     return RunResult(decoding=decoding, n_token=n_token, outputs=[[1, 2, 3], [4, 5]], per_prompt=per_prompt,
-                     seconds=seconds, accuracy=accuracy)
+                     seconds=seconds, timed_new_tokens=5, accuracy=accuracy)
 
 
 @pytest.fixture
