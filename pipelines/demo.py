@@ -101,7 +101,7 @@ DOMAIN_BUDGETS = {
              "long": replace(_CHAT_QUICK, train_epochs=3, eval_prompts=1000, eval_n_tokens=(8, 16))},
     "code": {"quick": _CODE_QUICK, "long": replace(_CODE_QUICK, train_prompts=16_000)},
     "sql": {
-        # 10,000 prompts, not 18,000: a first run in 25 minutes, TPF 3.5-3.9 (docs/results.md#toy-sql).
+        # 10,000 prompts keep a first run under 25 minutes; more reach a higher TPF (docs/results.md#toy-sql).
         "quick": replace(BUDGETS["quick"], train_prompts=10_000, **_SQL_LENGTHS),
         "long": replace(BUDGETS["long"], train_prompts=27_000, train_epochs=1, eval_prompts=500, **_SQL_LENGTHS),
     },
