@@ -95,7 +95,7 @@ _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collec
 _CODE_QUICK = replace(BUDGETS["quick"], train_prompts=8_000, **_SQL_LENGTHS)
 # Toy chat's replies are at most about 70 tokens, cut at 80 (docs/results.md#toy-chat).
 _CHAT_LENGTHS = {"collect_max_new_tokens": 80, "eval_max_new_tokens": 80}
-_CHAT_QUICK = replace(BUDGETS["quick"], train_prompts=6_000, **_CHAT_LENGTHS)
+_CHAT_QUICK = replace(BUDGETS["quick"], train_prompts=8_000, **_CHAT_LENGTHS)
 DOMAIN_BUDGETS = {
     "chat": {"quick": _CHAT_QUICK,
              "long": replace(_CHAT_QUICK, train_epochs=3, eval_prompts=1000, eval_n_tokens=(8, 16))},
