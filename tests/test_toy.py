@@ -103,6 +103,9 @@ def test_code_tasks_have_humaneval_form():
         assert task.test.count("    assert candidate(") == toy_code.TEST_CASES >= 5
         assert task.canonical_solution.startswith("    ") and task.canonical_solution.count("\n") >= 2
         assert toy_code.specification(task.prompt) == task.specification
+        # a string the body copies from the docstring is quoted as there: the same tokens
+        for quoted in re.findall(r"'(\w+|[^\w\s])'", task.specification):
+            assert f'"{quoted}"' not in task.canonical_solution, (quoted, task.canonical_solution)
     # names, parameters and constants vary, so a body is read from the prompt
     assert len({task.entry_point for task in tasks}) > 50
     assert len({task.canonical_solution for task in tasks}) > 250
@@ -427,17 +430,30 @@ def test_chat_conversations_are_rendered_stable_and_split_by_conversation():
 
 
 def test_chat_answers_are_right_and_checked_on_their_final_value():
-    """Every sum and difference in a reply is right, and the check compares the final value only:
-    a number, a name, a time, or a list in any order."""
+    """Every sum, difference and running maximum in a reply is right, a count question answers
+    the ledger's count of its item, and the check compares the final value only: a number, a
+    name, a time, or a list in any order."""
+    kinds = set()
     for example in toy_prompts("train", "chat", limit=500):
         for a, op, b, c in re.findall(r"(\d+) ([+-]) (\d+) = (\d+)", example.answer):
             assert (int(a) + int(b) if op == "+" else int(a) - int(b)) == int(c), example.answer
+        for a, b, c in re.findall(r"(\d+) or (\d+) gives (\d+)", example.answer):
+            assert max(int(a), int(b)) == int(c), example.answer
+        value = toy_chat.final_value(example.answer)
+        ledger = dict(re.findall(r"([a-z]+) (\d)\b", re.split(r"Your basket has |We have ", example.answer)[-1]))
+        if "The biggest:" in example.answer:
+            kinds.add("biggest")
+            assert value == max(ledger.values(), key=int), example.answer
+        if (item := re.search(r"How many ([a-z]+) are", example.messages[-1][1])) and item.group(1) != "items":
+            kinds.add("count")
+            assert f"You have {item.group(1)} {value}." in example.answer and ledger[item.group(1)] == value
         assert check_answer("chat", example.answer, example.answer)
-    reference = "Your basket has 2 cups and 3 pens. The items are cups and pens. The answer is cups and pens."
+    assert kinds == {"biggest", "count"}
+    reference = "Your basket has cups 2 and pens 3. The items are cups and pens. The answer is cups and pens."
     assert check_answer("chat", "The answer is pens and cups.", reference)
     assert not check_answer("chat", "The answer is cups.", reference)
     assert not check_answer("chat", "The answer is cups, pens and eggs.", reference)
-    assert not check_answer("chat", "Your basket has 2 cups and 3 pens.", reference)  # no final answer
+    assert not check_answer("chat", "Your basket has cups 2 and pens 3.", reference)  # no final answer
     assert check_answer("chat", "It is 7. The answer is 7.", "The answer is 7.")
     assert not check_answer("chat", "The answer is 17.", "The answer is 7.")
     assert check_answer("chat", "The answer is 8 pm.", "It is at 8 pm. The answer is 8 pm.")

@@ -68,7 +68,10 @@ class _Counts:
         return f"{count} {self.noun(item, count)}"
 
     def state(self) -> str:
-        listed = _join([self.say(item, count) for item, count in self.items])
+        """The state as a ledger, each count after its item ("cups 8"): every later reply reads a count
+        right after writing its item, a copy a tiny model learns early (an induction head), where
+        "8 cups" asks for the count before the item that finds it (docs/results.md#toy-chat)."""
+        listed = _join([f"{item} {count}" for item, count in self.items])
         return f"Your basket has {listed}." if self.kind == "basket" else f"We have {listed}."
 
     def count(self, item: str) -> int:
@@ -103,47 +106,54 @@ def _change(rng: random.Random, counts: _Counts, pool: list[str]) -> tuple[str, 
         counts.set(item, count + added)
         user = (f"Add {added} more {counts.noun(item, added)}." if basket
                 else f"A delivery brought {counts.say(item, added)}.")
-        return user, f"You add {added}, so you have {count} + {added} = {count + added} {counts.names[item][1]}."
+        total = count + added
+        return user, f"You add {added} to {item} {count}: {count} + {added} = {total}, so {item} {total}."
     if kind == "fewer":
         removed = rng.choice(fewer)
         counts.set(item, count - removed)
         said = counts.say(item, removed)
-        user, verb = (f"Take out {said}.", "take out") if basket else (f"We sold {said}.", "sell")
+        user, account = (f"Take out {said}.", "take out {} from") if basket else (f"We sold {said}.", "sell {} of")
         left = count - removed
-        return user, f"You {verb} {removed}, so you have {count} - {removed} = {left} {counts.names[item][1]}."
+        return user, f"You {account.format(removed)} {item} {count}: {count} - {removed} = {left}, so {item} {left}."
     if kind == "new":
         new = pool.pop()
         added = rng.choice(free)
         counts.items.append((new, added))
         said = counts.say(new, added)
-        return (f"Also add {said}." if basket else f"A delivery brought {said}."), f"You add {said}."
+        return (f"Also add {said}." if basket else f"A delivery brought {said}."), f"You add {new} {added}."
     counts.items = [(name, old) for name, old in counts.items if name != item]
     plural = counts.names[item][1]
     return (f"Remove the {plural}." if basket else f"We sold all the {plural}."), f"You remove the {plural}."
 
 
 def _counts_question(rng: random.Random, counts: _Counts) -> tuple[str, str, str]:
-    """(question, answer, value) about a basket or stock: one item's count, the total, the item
-    there is most of, or the list of items (by their plural: "apples"). Every answer restates the
+    """(question, answer, value) about a basket or stock: one item's count, the total, the
+    biggest count, or the list of items (by their plural: "apples"). Every answer restates the
     whole state first, which it then reads from."""
     basket = counts.kind == "basket"
     where = "in my basket" if basket else "in stock"
     plural = {item: counts.names[item][1] for item, _ in counts.items}
     counted = [count for _, count in counts.items]
-    kinds = ["count", "list", "total", "most"] if len(counts.items) > 1 else ["count", "list", "total"]
+    kinds = ["count", "list", "total", "biggest"] if len(counts.items) > 1 else ["count", "list", "total"]
     kind = rng.choice(kinds)
     if kind == "count":
         item = rng.choice([name for name, _ in counts.items])
         count = counts.count(item)
-        return f"How many {plural[item]} are {where}?", f"{counts.state()} You have {count} {plural[item]}.", str(count)
+        return f"How many {plural[item]} are {where}?", f"{counts.state()} You have {item} {count}.", str(count)
     if kind == "list":
         names = _join([item for item, _ in counts.items])
         question = "What is in my basket?" if basket else "What do we have in stock?"
         return question, f"{counts.state()} The items are {names}.", names
-    if kind == "most":
-        item = max(counts.items, key=lambda pair: pair[1])[0]
-        question = "Which item do I have the most of?" if basket else "Which item do we have the most of?"
-        return question, f"{counts.state()} The most is {counts.count(item)} {plural[item]}.", item
+    if kind == "biggest":
+        # A running maximum, one comparison a step, as the total is a running sum. It answers with
+        # the count: which item holds it was asked in three formats and never learned
+        # (docs/results.md#toy-chat).
+        best, steps = counted[0], []
+        for count in counted[1:]:
+            steps.append(f"{best} or {count} gives {max(best, count)}")
+            best = max(best, count)
+        question = f"What is the biggest count {where}?"
+        return question, f"{counts.state()} The biggest: {', '.join(steps)}.", str(best)
     steps, total = [], counted[0]
     for count in counted[1:]:  # one addition per step, as toy math writes its sums
         steps.append(f"{total} + {count} = {total + count}")

@@ -114,9 +114,9 @@ def _random_text(rng: random.Random) -> tuple:
 def _transform(rng: random.Random) -> Spec:
     p = rng.choice(TEXT_PARAMS)
     letter = rng.choice("abcdexyz")
-    text, cond = rng.choice((*_CHAR_CLASSES, (f"the letter '{letter}'", f'ch == "{letter}"')))
+    text, cond = rng.choice((*_CHAR_CLASSES, (f"the letter '{letter}'", f"ch == '{letter}'")))
     mark = rng.choice("*#-_.!?")
-    changes = [(f"replaced by '{mark}'", f'"{mark}"'), ("doubled", "ch * 2"), ("removed", None)]
+    changes = [(f"replaced by '{mark}'", f"'{mark}'"), ("doubled", "ch * 2"), ("removed", None)]
     if "upper" not in text and "digit" not in text and text != "a space":  # upper-casing would change nothing
         changes.append(("upper-cased", "ch.upper()"))
     how, new = rng.choice(changes)
@@ -186,10 +186,12 @@ def _nested_conditions(rng: random.Random) -> Spec:
     inner_text, inner = rng.choice((("even", f"{p} % 2 == 0"), ("odd", f"{p} % 2 == 1"),
                                     (f"divisible by {m}", f"{p} % {m} == 0")))
     low = rng.randint(-10, 0)
-    description = (f"Return '{a}' if {p} is {outer_text} and {inner_text}, '{b}' if it is {outer_text} but not "
-                   f"{inner_text}, '{c}' if it is less than {low}, and '{d}' otherwise.")
-    body = (f"    if {outer}:\n        if {inner}:\n            return \"{a}\"\n        return \"{b}\"\n"
-            f"    if {p} < {low}:\n        return \"{c}\"\n    return \"{d}\"\n")
+    # The labels as a list in the body's order: each is copied as the one after the label before it.
+    description = (f"Return one of '{a}', '{b}', '{c}' and '{d}': the first if {p} is {outer_text} and "
+                   f"{inner_text}, the second if it is {outer_text} but not {inner_text}, the third if it is "
+                   f"less than {low}, and the last otherwise.")
+    body = (f"    if {outer}:\n        if {inner}:\n            return '{a}'\n        return '{b}'\n"
+            f"    if {p} < {low}:\n        return '{c}'\n    return '{d}'\n")
     return Spec(_name(rng, ("classify", "label", "grade", "describe", "rate"), ("number", "value", "level", "size")),
                 f"{p}: int", "str", description, body, lambda r: (r.randint(-15, 25),))
 
