@@ -95,9 +95,8 @@ def default_config(domain: str | None = None) -> ToyConfig:
         # multi-turn fine-tuning trains them), the user's and system's turns none: with the loss on
         # the whole prompt, the teacher learned the frequencies of the user's random items instead
         # of copying them. Accuracy follows the tokens seen, so the model is narrower than SQL's
-        # (hidden 128): it trains 1.4x faster per token than SQL's size. Batch 16 takes twice the
-        # optimizer steps of 32 for the same tokens and halves the held-out loss; 6 layers did not
-        # help (docs/results.md#toy-chat). Conversations reach about 210 tokens.
+        # (1.4x faster per token). Batch 16 halves the held-out loss of batch 32 for the same
+        # tokens (docs/results.md#toy-chat). Conversations reach about 210 tokens.
         return ToyConfig(domain="chat", vocab_size=768, hidden_size=128, intermediate_size=384, num_heads=8,
                          batch_size=16, learning_rate=4e-3, train_tokens=10_000_000, max_length=320)
     # SQL's size. The prompt carries loss: its own copies of names and constants (the parameter in
