@@ -101,7 +101,7 @@ def default_config(domain: str | None = None) -> ToyConfig:
                          batch_size=16, learning_rate=4e-3, train_tokens=10_000_000, max_length=320)
     # SQL's size. The prompt carries loss: its own copies of names and constants (the parameter in
     # the docstring, the name in the examples) teach copying them. Twice SQL's budget at batch 16
-    # copies the constants of every family but one (docs/results.md#toy-code).
+    # copies the constants and labels of seven families of nine (docs/results.md#toy-code).
     return ToyConfig(domain="code", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
                      batch_size=16, train_tokens=6_000_000, max_length=384, loss_on_prompt=True)
 
