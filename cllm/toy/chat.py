@@ -103,17 +103,17 @@ def _change(rng: random.Random, counts: _Counts, pool: list[str]) -> tuple[str, 
     kind = rng.choice(kinds)
     if kind == "more":
         added = rng.choice(more)
-        counts.set(item, count + added)
+        total = count + added
+        counts.set(item, total)
         user = (f"Add {added} more {counts.noun(item, added)}." if basket
                 else f"A delivery brought {counts.say(item, added)}.")
-        total = count + added
         return user, f"You add {added} to {item} {count}: {count} + {added} = {total}, so {item} {total}."
     if kind == "fewer":
         removed = rng.choice(fewer)
-        counts.set(item, count - removed)
+        left = count - removed
+        counts.set(item, left)
         said = counts.say(item, removed)
         user, account = (f"Take out {said}.", "take out {} from") if basket else (f"We sold {said}.", "sell {} of")
-        left = count - removed
         return user, f"You {account.format(removed)} {item} {count}: {count} - {removed} = {left}, so {item} {left}."
     if kind == "new":
         new = pool.pop()
