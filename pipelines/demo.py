@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -37,7 +38,7 @@ from pathlib import Path
 from cllm.hf import load_model
 from cllm.losses import ArTarget
 from cllm.toy import DEFAULT_DOMAIN, DOMAINS, parse_toy_name, toy_version
-from cllm_raytools import quiet_libraries
+from cllm_raytools import RAY_NOISE, quiet_libraries
 
 REPO = Path(__file__).resolve().parents[1]
 PIPELINES = REPO / "pipelines"
@@ -169,11 +170,20 @@ def parse_args(argv: list[str] | None = None) -> DemoConfig:
 def run_script(script: str, *args: str) -> None:
     """Run one pipeline as its own process, as a user would; its progress streams through.
     Unless RAY_ADDRESS says otherwise, each stage starts its own local Ray: a bare `ray.init()`
-    would join whatever cluster `ray start` last left on this machine."""
+    would join whatever cluster `ray start` last left on this machine. The stage's stderr passes
+    through but for RAY_NOISE: Ray's skip setting filters what workers forward, not what the
+    stage's own Ray core prints (an `E ... core_worker.cc` line for Ray Data's actor pool)."""
     command = [sys.executable, str(PIPELINES / script), *args]
     print("$ " + " ".join(command[1:]), flush=True)
     environment = {"RAY_ADDRESS": "local", **os.environ}
-    subprocess.run(command, cwd=REPO, check=True, env=environment)
+    noise = re.compile(RAY_NOISE.encode())
+    with subprocess.Popen(command, cwd=REPO, env=environment, stderr=subprocess.PIPE) as process:
+        for line in process.stderr:
+            if not noise.search(line):
+                sys.stderr.write(line.decode(errors="replace"))
+                sys.stderr.flush()
+    if process.returncode:
+        raise subprocess.CalledProcessError(process.returncode, command)
 
 
 def load_teacher(model: str) -> None:

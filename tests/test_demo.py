@@ -3,11 +3,13 @@ a changed or failed stage reruns everything after it, and --fresh starts over.""
 
 from __future__ import annotations
 
+import subprocess
+
 import pytest
 
 from cllm.toy import TOY_VERSIONS
 from cllm.toy import sql as toy_sql
-from cllm_pipelines.demo import BUDGETS, Stage, build_stages, parse_args, run_stages, teacher_settings
+from cllm_pipelines.demo import BUDGETS, Stage, build_stages, parse_args, run_script, run_stages, teacher_settings
 
 
 def _stages(calls: list[str], settings: dict[str, dict] | None = None, failing: str | None = None,
@@ -154,13 +156,29 @@ def test_the_chat_demo_runs_on_the_chat_teacher_and_its_conversations(tmp_path, 
     assert evaluate[evaluate.index("--prompts") + 1] == "toy-chat:heldout"
 
 
+def test_a_stage_prints_its_stderr_but_rays_noise_and_fails_with_its_exit_code(tmp_path, capsys):
+    stage = tmp_path / "stage.py"
+    stage.write_text(
+        "import sys\n"
+        "print('collect: 16/16 prompts')\n"
+        "print('[2026-12-04 17:14:02,590 E 13850 13850] core_worker.cc:2465: Actor with class name: "
+        "MapWorker has constructor arguments in the object store and max_restarts > 0.', file=sys.stderr)\n"
+        "print('ValueError: a real error', file=sys.stderr)\n"
+        "sys.exit(3)\n"
+    )
+    with pytest.raises(subprocess.CalledProcessError) as failure:
+        run_script(str(stage))
+    assert failure.value.returncode == 3
+    err = capsys.readouterr().err
+    assert "ValueError: a real error" in err and "core_worker" not in err
+
+
 @pytest.mark.slow
 def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     """The real loop (collect and train on a local Ray, DeepSpeed on 2 CPU workers, evaluate) at
     the `tiny` budget, with a tiny random model in place of the toy teacher; then a rerun that
     reuses every stage."""
     import json
-    import subprocess
     import sys
 
     from cllm.hf import tiny_model
@@ -182,6 +200,7 @@ def test_demo_runs_end_to_end_on_a_tiny_model(tmp_path):
     report = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
     assert {row["model"] for row in report["rows"]} == {"teacher", "cllm"}
     assert "| cllm | jacobi | 4 |" in first.stdout and "wall time per stage" in first.stdout
+    assert "core_worker.cc" not in first.stderr  # Ray Data's actor-pool warning, filtered from the stages
     second = subprocess.run(command, check=False, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("reusing the finished stage") == 4
