@@ -104,8 +104,9 @@ def test_code_tasks_have_humaneval_form():
         assert task.canonical_solution.startswith("    ") and task.canonical_solution.count("\n") >= 2
         assert toy_code.specification(task.prompt) == task.specification
         # a string the body copies from the docstring is quoted as there: the same tokens
-        for quoted in re.findall(r"'(\w+|[^\w\s])'", task.specification):
-            assert f'"{quoted}"' not in task.canonical_solution, (quoted, task.canonical_solution)
+        for quote, other in (("'", '"'), ('"', "'")):
+            for quoted in re.findall(rf"{quote}(\w+|[^\w\s]){quote}", task.specification):
+                assert f"{other}{quoted}{other}" not in task.canonical_solution, (quoted, task.canonical_solution)
     # names, parameters and constants vary, so a body is read from the prompt
     assert len({task.entry_point for task in tasks}) > 50
     assert len({task.canonical_solution for task in tasks}) > 250

@@ -25,10 +25,7 @@ TEST_CASES = 6  # asserts per task
 _CANDIDATE_INPUTS = 60  # inputs drawn per task, of which the tests keep those with the most varied results
 LIST_PARAMS = ("nums", "values", "numbers", "items", "data", "xs", "scores", "arr", "seq", "vals")
 TEXT_PARAMS = ("text", "s", "word", "line", "phrase", "name", "msg")
-INT_PARAMS = ("n", "x", "num", "k", "count", "amount", "level")
 WORDS = ("apple", "kiwi", "fig", "banana", "plum", "cherry", "lime", "pear", "mango", "grape", "date", "melon")
-LABELS = ("low", "high", "big", "small", "hot", "cold", "warm", "fizz", "buzz", "yes", "no", "red", "blue",
-          "green", "alpha", "beta", "gamma", "up", "down", "odd", "even", "zero", "many", "few")
 
 Inputs = Callable[[random.Random], tuple]
 """Draws one argument tuple for a task's function."""
@@ -114,18 +111,17 @@ def _random_text(rng: random.Random) -> tuple:
 def _transform(rng: random.Random) -> Spec:
     p = rng.choice(TEXT_PARAMS)
     letter = rng.choice("abcdexyz")
-    text, cond = rng.choice((*_CHAR_CLASSES, (f"the letter '{letter}'", f"ch == '{letter}'")))
+    text, cond = rng.choice((*_CHAR_CLASSES, (f'the letter "{letter}"', f'ch == "{letter}"')))
     mark = rng.choice("*#-_.!?")
-    changes = [(f"replaced by '{mark}'", f"'{mark}'"), ("doubled", "ch * 2"), ("removed", None)]
+    changes = [(f'replaced by "{mark}"', f'"{mark}"'), ("doubled", "ch * 2"), ("removed", None)]
     if "upper" not in text and "digit" not in text and text != "a space":  # upper-casing would change nothing
         changes.append(("upper-cased", "ch.upper()"))
     how, new = rng.choice(changes)
-    if new is None:
-        body = (f"    parts = []\n    for ch in {p}:\n        if {cond}:\n            continue\n"
-                f"        parts.append(ch)\n    return \"\".join(parts)\n")
-    else:
-        body = (f"    parts = []\n    for ch in {p}:\n        if {cond}:\n            parts.append({new})\n"
-                f"        else:\n            parts.append(ch)\n    return \"\".join(parts)\n")
+    # Double quotes, unlike the examples' reprs, so that a quote in the docstring opens only the
+    # letter or the mark to copy; `ch = "-"` quotes it after a space, as the docstring does.
+    change = "continue" if new is None else f"ch = {new}"
+    body = (f"    parts = []\n    for ch in {p}:\n        if {cond}:\n            {change}\n"
+            f"        parts.append(ch)\n    return \"\".join(parts)\n")
     return Spec(_name(rng, ("mask", "rewrite", "convert", "clean", "edit"), ("text", "chars", "string", "letters")),
                 f"{p}: str", "str", f"Return {p} with every character that is {text} {how}.", body, _random_text)
 
@@ -178,22 +174,26 @@ def _early_return(rng: random.Random) -> Spec:
 
 
 def _nested_conditions(rng: random.Random) -> Spec:
-    p = rng.choice(INT_PARAMS)
-    a, b, c, d = rng.sample(LABELS, 4)
-    k = rng.randint(0, 15)
-    outer_text, outer = rng.choice(((f"greater than {k}", f"{p} > {k}"), (f"at least {k}", f"{p} >= {k}")))
-    m = rng.randint(3, 5)
-    inner_text, inner = rng.choice((("even", f"{p} % 2 == 0"), ("odd", f"{p} % 2 == 1"),
-                                    (f"divisible by {m}", f"{p} % {m} == 0")))
-    low = rng.randint(-10, 0)
-    # The labels as a list in the body's order: each is copied as the one after the label before it.
-    description = (f"Return one of '{a}', '{b}', '{c}' and '{d}': the first if {p} is {outer_text} and "
-                   f"{inner_text}, the second if it is {outer_text} but not {inner_text}, the third if it is "
-                   f"less than {low}, and the last otherwise.")
-    body = (f"    if {outer}:\n        if {inner}:\n            return '{a}'\n        return '{b}'\n"
-            f"    if {p} < {low}:\n        return '{c}'\n    return '{d}'\n")
-    return Spec(_name(rng, ("classify", "label", "grade", "describe", "rate"), ("number", "value", "level", "size")),
-                f"{p}: int", "str", description, body, lambda r: (r.randint(-15, 25),))
+    p = rng.choice(LIST_PARAMS)
+    k = rng.randint(1, 12)
+    outer_text, outer = rng.choice(((f"greater than {k}", f"value > {k}"), (f"less than {k}", f"value < {k}"),
+                                    (f"at least {k}", f"value >= {k}"), (f"at most {k}", f"value <= {k}")))
+    d = rng.randint(3, 5)
+    inner_text, inner = rng.choice((("even", "value % 2 == 0"), ("odd", "value % 2 == 1"),
+                                    (f"divisible by {d}", f"value % {d} == 0")))
+    m = rng.randint(2, 9)
+    actions = [("add it", "total += value"), ("subtract it", "total -= value"), (f"add {m}", f"total += {m}"),
+               (f"add it times {m}", f"total += value * {m}"), (f"subtract {m}", f"total -= {m}")]
+    (then_text, then_code), (else_text, else_code) = rng.sample(actions, 2)
+    # Each action follows its condition, as in the body, so the inner `else` reads the docstring's
+    # "otherwise": four labels matched to four branches by their order were never learned at this
+    # size (docs/results.md#toy-code).
+    description = (f"Start a total at 0. For each number in {p} that is {outer_text}: if it is {inner_text}, "
+                   f"{then_text}; otherwise {else_text}. Return the total.")
+    body = (f"    total = 0\n    for value in {p}:\n        if {outer}:\n            if {inner}:\n"
+            f"                {then_code}\n            else:\n                {else_code}\n    return total\n")
+    return Spec(_name(rng, ("score", "weigh", "net", "balance", "sum"), ("split", "mixed", "signed", "branches")),
+                f"{p}: List[int]", "int", description, body, _int_list(0, 15))
 
 
 def _two_pointers(rng: random.Random) -> Spec:
