@@ -41,7 +41,7 @@ def toy_heldout_tasks(count: int) -> list[CodeTask]:
     def draw(rng: random.Random) -> Drawn:
         task = draw_task(rng)
         tasks[task.prompt] = task
-        return Drawn(task.specification, task.prompt, task.canonical_solution, task.test, task.entry_point)
+        return task.drawn()
 
     return [tasks[p.prompt] for p in dataclasses.replace(TASK, draw=draw).prompts("heldout", count, seed=0)]
 

@@ -300,6 +300,10 @@ class CodeTask:
     test: str
     entry_point: str
 
+    def drawn(self) -> Drawn:
+        """The task as `GeneratedTask` draws it: its specification decides the split."""
+        return Drawn(self.specification, self.prompt, self.canonical_solution, self.test, self.entry_point)
+
 
 def _call(name: str, arguments: tuple) -> str:
     return f"{name}({', '.join(map(repr, arguments))})"
@@ -386,8 +390,7 @@ def draw_task(rng: random.Random) -> CodeTask:
 
 
 def _draw(rng: random.Random) -> Drawn:
-    task = draw_task(rng)
-    return Drawn(task.specification, task.prompt, task.canonical_solution, task.test, task.entry_point)
+    return draw_task(rng).drawn()
 
 
 TASK = GeneratedTask("code", _draw, _SOURCE, answer_prefix="")
