@@ -128,6 +128,22 @@ def test_code_generator_is_deterministic_and_splits_by_specification():
         assert p.answer.startswith("    ")  # the body continues the prompt as is: no space between
 
 
+def test_the_code_teachers_stream_weights_the_families_that_copy_arithmetic():
+    """The teacher trains on more `nested`, `comprehension` and `transform` tasks than the train
+    split holds, and on fewer of the small families, which every build learns."""
+    stream = toy_code.TASK.training_documents(seed=0)
+    taught = [next(stream) for _ in range(600)]
+    split = toy_prompts("train", "code", limit=600)
+    copying = re.compile(r"Start a total at 0\.|Return (the square of )?each number|with every character")
+    small = re.compile(r"Pair the first number|from index \d on|Return a dict")
+
+    def share(pattern: re.Pattern, prompts: list) -> float:
+        return sum(bool(pattern.search(p.prompt)) for p in prompts) / len(prompts)
+
+    assert share(copying, taught) > 1.4 * share(copying, split) > 0.4
+    assert share(small, taught) < 0.7 * share(small, split)
+
+
 def test_every_canonical_solution_passes_its_own_test_and_a_wrong_constant_fails():
     prompts = toy_prompts("heldout", "code", limit=100) + toy_prompts("train", "code", limit=2000)[:300]
     assert all(_passes_in_process(p.prompt, p.answer, p.test, p.entry_point) for p in prompts)

@@ -17,6 +17,7 @@ import random
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from cllm.toy import TOY_VERSIONS, Drawn, GeneratedTask
 
@@ -385,12 +386,24 @@ def specification(prompt: str) -> str:
     return prompt.split("\n    >>> ", 1)[0]
 
 
-def draw_task(rng: random.Random) -> CodeTask:
-    return make_task(rng.choice(tuple(FAMILIES)), rng)
+# The teacher's stream draws more often the families whose bodies copy constants of arithmetic
+# ("plus 9", "add it times 2", a mark): seen a ninth of the time each, a build learned to copy
+# them only on some seeds. The three small families, learned by every build, are drawn less
+# (docs/results.md#toy-code).
+TRAIN_FAMILY_WEIGHTS = {"fold": 2, "transform": 4, "count": 2, "early_return": 2, "nested": 4, "two_pointers": 1,
+                        "index": 1, "comprehension": 4, "helper": 2}
 
 
-def _draw(rng: random.Random) -> Drawn:
-    return draw_task(rng).drawn()
+def draw_task(rng: random.Random, family_weights: dict[str, float] | None = None) -> CodeTask:
+    """A task of a family drawn uniformly, or by `family_weights`."""
+    if family_weights is None:
+        return make_task(rng.choice(tuple(FAMILIES)), rng)
+    return make_task(rng.choices(tuple(family_weights), tuple(family_weights.values()))[0], rng)
 
 
-TASK = GeneratedTask("code", _draw, _SOURCE, answer_prefix="")
+def _draw(rng: random.Random, family_weights: dict[str, float] | None = None) -> Drawn:
+    return draw_task(rng, family_weights).drawn()
+
+
+TASK = GeneratedTask("code", _draw, _SOURCE, answer_prefix="",
+                     teacher_draw=partial(_draw, family_weights=TRAIN_FAMILY_WEIGHTS))
