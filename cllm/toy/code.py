@@ -386,9 +386,9 @@ def specification(prompt: str) -> str:
     return prompt.split("\n    >>> ", 1)[0]
 
 
-# The teacher's stream draws more often the families whose bodies copy constants of arithmetic
-# ("plus 9", "add it times 2", a mark): seen a ninth of the time each, a build learned to copy
-# them only on some seeds. The three small families, learned by every build, are drawn less
+# The teacher's stream draws more often the families whose bodies copy a mark or the constant of an
+# arithmetic phrase ("plus 9", "add it times 2"): drawn a ninth of the time each, they were copied
+# by 2 builds in 5. The two smallest families, which every build learned, are drawn least
 # (docs/results.md#toy-code).
 TRAIN_FAMILY_WEIGHTS = {"fold": 2, "transform": 4, "count": 2, "early_return": 2, "nested": 4, "two_pointers": 1,
                         "index": 1, "comprehension": 4, "helper": 2}
