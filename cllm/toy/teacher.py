@@ -101,7 +101,7 @@ def default_config(domain: str | None = None) -> ToyConfig:
                          batch_size=16, learning_rate=4e-3, train_tokens=10_000_000, max_length=320)
     # SQL's size. The prompt carries loss: its copies of names and constants teach copying them. The
     # constants of arithmetic phrases were copied by 2 builds in 5 at 6M tokens; at 7.5M, with
-    # `cllm.toy.code`'s weighted stream, by 4 in 5 (docs/results.md#toy-code).
+    # `cllm.toy.code`'s weighted stream, by 5 in 6 (docs/results.md#toy-code).
     return ToyConfig(domain="code", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
                      batch_size=16, train_tokens=7_500_000, max_length=384, loss_on_prompt=True)
 
