@@ -396,7 +396,7 @@ TRAIN_FAMILY_WEIGHTS = {"fold": 2, "transform": 4, "count": 2, "early_return": 2
 
 def draw_task(rng: random.Random, family_weights: dict[str, float] | None = None) -> CodeTask:
     """A task of a family drawn uniformly, or by `family_weights`."""
-    if family_weights is None:
+    if family_weights is None:  # `choice`, not `choices`: the splits' random streams stay as scored
         return make_task(rng.choice(tuple(FAMILIES)), rng)
     return make_task(rng.choices(tuple(family_weights), tuple(family_weights.values()))[0], rng)
 
