@@ -6,7 +6,7 @@ import dataclasses
 import json
 import random
 import re
-from itertools import islice
+from itertools import islice, repeat
 
 import pytest
 import torch
@@ -14,7 +14,7 @@ import torch
 from cllm import toy
 from cllm.execution import CodeProblem, check_completions
 from cllm.hf import load_model
-from cllm.metrics import repetition_rate
+from cllm.metrics import IGNORE, repetition_rate
 from cllm.toy import chat as toy_chat
 from cllm.toy import code as toy_code
 from cllm.toy import is_heldout_question, sql_schema, teacher
@@ -418,10 +418,16 @@ def test_a_tiny_sql_teacher_learns_above_chance(tmp_path):
 
 def test_a_tiny_code_teacher_learns_above_chance(tmp_path):
     """The real build pipeline on toy code at a toy size: the held-out loss of the bodies ends far
-    below both chance and the untrained model's."""
+    below both chance and the untrained model's. With loss on the prompt, the specification carries
+    loss and the docstring's examples, random inputs, none."""
     config = dataclasses.replace(TINY, domain="code", vocab_size=512, max_length=512, train_tokens=40_000,
                                  eval_prompts=8)
-    assert_learns_above_chance(config, tmp_path)
+    tokenizer, prompts = assert_learns_above_chance(config, tmp_path)
+    example = prompts[0]
+    encoded = teacher._encode(tokenizer, example, config.max_length, loss_on_prompt=True)
+    _, _, labels = next(teacher._batches(repeat(encoded), 1, tokenizer.pad_token_id))
+    labelled = tokenizer.decode(labels[0][labels[0] != IGNORE])
+    assert ">>>" in example.prompt and labelled == toy_code.specification(example.prompt) + example.answer + "<eos>"
 
 
 # -- chat ----------------------------------------------------------------------------------------
@@ -489,7 +495,7 @@ def test_a_tiny_chat_teacher_learns_above_chance_and_carries_its_chat_template(t
     example = max(prompts, key=lambda p: len(p.messages))
     encoded = teacher._encode(tokenizer, example, config.max_length)
     replies = [text + "<|im_end|>" for role, text in example.messages if role == "assistant"]
-    assert replies and [tokenizer.decode(encoded.ids[a:b]) for a, b in encoded.reply_spans] == replies
+    assert replies and [tokenizer.decode(encoded.ids[a:b]) for a, b in encoded.prompt_loss_spans] == replies
     assert all(render_chat(tokenizer, p.messages) == p.prompt for p in prompts)
     im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert tokenizer.eos_token_id == im_end and tokenizer.bos_token_id is None

@@ -18,7 +18,7 @@ DOMAINS = ("math", "code", "sql", "chat")
 DEFAULT_DOMAIN = "math"
 SPLITS = ("train", "heldout")
 TOY_NAMES = ("toy", *(f"toy-{domain}" for domain in DOMAINS))
-TOY_VERSIONS = {"math": "3", "code": "5", "sql": "2", "chat": "3"}
+TOY_VERSIONS = {"math": "3", "code": "6", "sql": "2", "chat": "3"}
 """Each domain's teacher version, in its cache path: bump it when a corpus, tokenizer or training
 change makes the domain's cached teachers stale."""
 
@@ -87,6 +87,9 @@ class GeneratedTask:
     teacher_draw: Draw | None = None  # the teacher's stream, when it weights questions unlike `draw`
     answer_prefix: str = " "  # joins prompt and answer (code: none, its body starts with its indent; chat:
     # none, the template's generation prompt ends the line)
+    # With `ToyConfig.loss_on_prompt`, the part of a prompt that carries loss: code's stops before its
+    # examples, whose random inputs no model predicts.
+    labelled_prompt: Callable[[str], str] = lambda prompt: prompt
 
     def _example(self, rng: random.Random, split: str, draw: Draw | None = None) -> tuple[str, ToyPrompt]:
         drawn = Drawn(*(draw or self.draw)(rng))

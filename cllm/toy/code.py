@@ -382,7 +382,8 @@ def make_task(family: str, rng: random.Random) -> CodeTask:
 
 
 def specification(prompt: str) -> str:
-    """A toy-code prompt without its docstring examples: the part that decides the split."""
+    """A toy-code prompt without its docstring examples: the part that decides the split, and the
+    part the teacher's loss covers."""
     return prompt.split("\n    >>> ", 1)[0]
 
 
@@ -406,4 +407,4 @@ def _draw(rng: random.Random, family_weights: dict[str, float] | None = None) ->
 
 
 TASK = GeneratedTask("code", _draw, _SOURCE, answer_prefix="",
-                     teacher_draw=partial(_draw, family_weights=TRAIN_FAMILY_WEIGHTS))
+                     teacher_draw=partial(_draw, family_weights=TRAIN_FAMILY_WEIGHTS), labelled_prompt=specification)

@@ -58,7 +58,7 @@ class ToyConfig:
     learning_rate: float = 2e-3
     weight_decay: float = 0.1
     warmup_fraction: float = 0.03
-    loss_on_prompt: bool = False  # False: only answer tokens (and EOS) carry loss
+    loss_on_prompt: bool = False  # the prompt's `GeneratedTask.labelled_prompt` carries loss too
     # On a CPU, single-threaded data-parallel processes train 1.3x faster than one process on as
     # many threads (docs/results.md#toy-teachers), to the same teacher (summed whole-batch gradients).
     processes: int = 2
@@ -99,9 +99,9 @@ def default_config(domain: str | None = None) -> ToyConfig:
         # tokens (docs/results.md#toy-chat). Conversations reach about 210 tokens.
         return ToyConfig(domain="chat", vocab_size=768, hidden_size=128, intermediate_size=384, num_heads=8,
                          batch_size=16, learning_rate=4e-3, train_tokens=10_000_000, max_length=320)
-    # SQL's size. The prompt carries loss: its copies of names and constants teach copying them. The
-    # constants of arithmetic phrases were copied by 2 builds in 5 at 6M tokens; at 7.5M, with
-    # `cllm.toy.code`'s weighted stream, by 5 in 6 (docs/results.md#toy-code).
+    # SQL's size. The prompt carries loss: its copies of names and constants teach copying them. Its
+    # examples carry none: their random inputs are noise no model predicts, and with them 1 build in 6
+    # missed the constants of arithmetic phrases (docs/results.md#toy-code).
     return ToyConfig(domain="code", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
                      batch_size=16, train_tokens=7_500_000, max_length=384, loss_on_prompt=True)
 
@@ -155,17 +155,10 @@ def train_tokenizer(config: ToyConfig) -> PreTrainedTokenizerFast:
 def new_teacher(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaForCausalLM:
     """A freshly initialised Llama sized by `config`, seeded by `config.seed`."""
     llama = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=config.hidden_size,
-        intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_layers,
-        num_attention_heads=config.num_heads,
-        num_key_value_heads=config.num_heads,
-        max_position_embeddings=config.max_length,
-        tie_word_embeddings=True,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
+        vocab_size=len(tokenizer), hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers, num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_heads, max_position_embeddings=config.max_length, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
@@ -175,10 +168,11 @@ def new_teacher(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -> LlamaF
 @dataclass
 class _Encoded:
     ids: list[int]
-    prompt_length: int  # tokens (bos included) that carry no loss unless loss_on_prompt
-    # chat: the spans [start, end) of the prompt's earlier assistant replies (content and
-    # <|im_end|>), which carry loss as the answer does: they are the model's own turns.
-    reply_spans: tuple[tuple[int, int], ...] = ()
+    prompt_length: int  # tokens (bos included); the prompt carries no loss but in `prompt_loss_spans`
+    # [start, end) spans of the prompt that carry loss as the answer does: with loss_on_prompt, the
+    # task's `labelled_prompt`; without, a chat prompt's earlier assistant replies (content and
+    # <|im_end|>), which are the model's own turns.
+    prompt_loss_spans: tuple[tuple[int, int], ...] = ()
 
 
 def _reply_spans(tokenizer: PreTrainedTokenizerFast, ids: Sequence[int]) -> tuple[tuple[int, int], ...]:
@@ -194,35 +188,40 @@ def _reply_spans(tokenizer: PreTrainedTokenizerFast, ids: Sequence[int]) -> tupl
     return tuple(spans)
 
 
-def _encode(tokenizer: PreTrainedTokenizerFast, example: ToyPrompt, max_length: int) -> _Encoded:
+def _encode(tokenizer: PreTrainedTokenizerFast, example: ToyPrompt, max_length: int,
+            loss_on_prompt: bool = False) -> _Encoded:
     prompt_ids = tokenizer(example.prompt)["input_ids"]
     answer_ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
     ids = (prompt_ids + answer_ids + [tokenizer.eos_token_id])[:max_length]
-    replies = _reply_spans(tokenizer, prompt_ids) if example.messages else ()
-    return _Encoded(ids, len(prompt_ids), replies)
+    if loss_on_prompt:
+        labelled = GENERATED_TASKS[example.domain].labelled_prompt(example.prompt)
+        spans = ((1, len(tokenizer(labelled)["input_ids"])),)  # the first token is never predicted
+    else:
+        spans = _reply_spans(tokenizer, prompt_ids) if example.messages else ()
+    return _Encoded(ids, len(prompt_ids), spans)
 
 
 def _training_documents(config: ToyConfig, tokenizer: PreTrainedTokenizerFast) -> Iterator[_Encoded]:
     """Endless, seeded stream of encoded training documents."""
     for example in GENERATED_TASKS[config.domain].training_documents(config.seed):
-        yield _encode(tokenizer, example, config.max_length)
+        yield _encode(tokenizer, example, config.max_length, config.loss_on_prompt)
 
 
-def _batches(documents: Iterator[_Encoded], batch_size: int, pad_id: int,
-             loss_on_prompt: bool) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Right-padded (input_ids, attention_mask, labels); padding, and the prompt unless
-    `loss_on_prompt` (but for a chat prompt's earlier replies), carry no loss. Documents are grouped
-    by length within a window of 8 batches so that little compute goes to padding."""
+def _batches(documents: Iterator[_Encoded], batch_size: int,
+             pad_id: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Right-padded (input_ids, attention_mask, labels); padding, and the prompt but for its
+    `prompt_loss_spans`, carry no loss. Documents are grouped by length within a window of 8
+    batches so that little compute goes to padding."""
     while True:
         window = sorted((next(documents) for _ in range(8 * batch_size)), key=lambda d: len(d.ids))
         for start in range(0, len(window), batch_size):
             group = window[start : start + batch_size]
             input_ids, mask, labels = right_pad([d.ids for d in group], pad_id,
-                                                label_starts=[1 if loss_on_prompt else d.prompt_length for d in group])
-            if not loss_on_prompt:
-                for row, document in enumerate(group):
-                    for begin, end in document.reply_spans:
-                        labels[row, begin:end] = input_ids[row, begin:end]
+                                                label_starts=[d.prompt_length for d in group])
+            for row, document in enumerate(group):
+                for begin, end in document.prompt_loss_spans:
+                    end = min(end, len(document.ids))  # a truncated document's padding stays unlabelled
+                    labels[row, begin:end] = input_ids[row, begin:end]
             yield input_ids, mask, labels
 
 
@@ -244,8 +243,7 @@ def train_teacher(model: LlamaForCausalLM, tokenizer: PreTrainedTokenizerFast, c
     every batch; every process reads the same stream and gradients are summed, so each step is
     the whole batch's. Only rank 0 prints."""
     device = next(model.parameters()).device
-    batches = _batches(_training_documents(config, tokenizer), config.batch_size, tokenizer.pad_token_id,
-                       config.loss_on_prompt)
+    batches = _batches(_training_documents(config, tokenizer), config.batch_size, tokenizer.pad_token_id)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=config.learning_rate, betas=(0.9, 0.95), weight_decay=config.weight_decay,
     )
