@@ -101,7 +101,7 @@ def default_config(domain: str | None = None) -> ToyConfig:
                          batch_size=16, learning_rate=4e-3, train_tokens=10_000_000, max_length=320)
     # SQL's size. The prompt carries loss: its copies of names and constants teach copying them. Its
     # examples carry none: their random inputs are noise no model predicts, and with them 1 build in 6
-    # missed the constants of arithmetic phrases (docs/results.md#toy-code).
+    # missed the constants of arithmetic phrases; without, none in 6 (docs/results.md#toy-code).
     return ToyConfig(domain="code", vocab_size=768, hidden_size=192, intermediate_size=512, num_heads=8,
                      batch_size=16, train_tokens=7_500_000, max_length=384, loss_on_prompt=True)
 
