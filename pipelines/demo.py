@@ -92,7 +92,7 @@ BUDGETS = {
 # answers let collection batch 32 prompts.
 _SQL_LENGTHS = {"collect_max_new_tokens": 64, "eval_max_new_tokens": 64, "collect_batch_size": 32}
 # Toy code's bodies are two to four blocks, so 6,500 prompts give about as many training blocks as
-# 18,000 of SQL's, and keep a first run, whose teacher takes 12 minutes, under 35 (docs/results.md#toy-code).
+# 18,000 of SQL's, and keep a first run, whose teacher takes 13 minutes, under 35 (docs/results.md#toy-code).
 _CODE_QUICK = replace(BUDGETS["quick"], train_prompts=6_500, **_SQL_LENGTHS)
 # Toy chat's replies are at most about 70 tokens, cut at 80 (docs/results.md#toy-chat).
 _CHAT_LENGTHS = {"collect_max_new_tokens": 80, "eval_max_new_tokens": 80}
